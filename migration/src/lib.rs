@@ -1,0 +1,17 @@
+//! Latchkey's schema, as sea-orm migrations that run the same on PostgreSQL and SQLite.
+//!
+//! The server applies pending migrations at start (under a PostgreSQL advisory lock, see
+//! `latchkey::store::db`); `latchkey migrate up|down|status|fresh` drives them by hand.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261124_000001_initial::Migration)]
+    }
+}

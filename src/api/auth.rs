@@ -1,0 +1,260 @@
+//! `/v1/auth/*`: register, login, refresh, logout, the current session.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use poem::Request;
+use poem::web::Data;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+use uuid::Uuid;
+
+use super::ApiTags;
+use super::client::client_info;
+use super::security::BearerAuth;
+use crate::domain::{Email, Password};
+use crate::error::ApiError;
+use crate::service::auth::{self, Tokens};
+use crate::state::AppState;
+
+/// Credentials. Unknown fields are refused.
+#[derive(Object)]
+#[oai(deny_unknown_fields)]
+pub struct Credentials {
+    /// Trimmed and lower-cased before use.
+    #[oai(validator(max_length = 254))]
+    pub email: String,
+    /// 8 to 1024 characters.
+    pub password: SecretField,
+}
+
+/// A string that never appears in `Debug` output (poem-openapi's own `Password` derives it).
+#[derive(Clone)]
+pub struct SecretField(pub String);
+
+impl std::fmt::Debug for SecretField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+mod secret_field_impls {
+    use std::borrow::Cow;
+
+    use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+    use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+    use serde_json::Value;
+
+    use super::SecretField;
+
+    impl Type for SecretField {
+        const IS_REQUIRED: bool = true;
+        type RawValueType = String;
+        type RawElementValueType = String;
+
+        fn name() -> Cow<'static, str> {
+            "string(password)".into()
+        }
+
+        fn schema_ref() -> MetaSchemaRef {
+            MetaSchemaRef::Inline(Box::new(MetaSchema::new_with_format("string", "password")))
+        }
+
+        fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+            Some(&self.0)
+        }
+
+        fn raw_element_iter<'a>(
+            &'a self,
+        ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+            Box::new(std::iter::once(&self.0))
+        }
+    }
+
+    impl ParseFromJSON for SecretField {
+        fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+            match value {
+                Some(Value::String(s)) => Ok(SecretField(s)),
+                Some(_) => Err(ParseError::custom("expected a string")),
+                None => Err(ParseError::expected_input()),
+            }
+        }
+    }
+
+    impl ToJSON for SecretField {
+        fn to_json(&self) -> Option<Value> {
+            None
+        }
+    }
+}
+
+/// A new account.
+#[derive(Object)]
+pub struct RegisteredUser {
+    pub id: Uuid,
+    pub email: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Object)]
+#[oai(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// The refresh token from the last token response. Each one works once.
+    pub refresh_token: SecretField,
+}
+
+/// RFC 6749 §5.1 token response.
+#[derive(Object)]
+pub struct TokenResponseBody {
+    /// The access JWT: send it as `Authorization: Bearer …`.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    /// Opaque; exchange it at `/v1/auth/refresh` for new tokens. Single use.
+    pub refresh_token: String,
+    /// Seconds until the session (and so every refresh token of it) ends.
+    pub refresh_expires_in: u64,
+    pub session_id: Uuid,
+}
+
+/// The current session, as the token and the revocation store see it.
+#[derive(Object)]
+pub struct SessionInfo {
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+    pub roles: Vec<String>,
+    /// The session's end: login time + `REFRESH_TOKEN_TTL`.
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(ApiResponse)]
+pub enum RegisterResponse {
+    /// The account was created.
+    #[oai(status = 201)]
+    Created(Json<RegisteredUser>),
+}
+
+#[derive(ApiResponse)]
+pub enum TokenResponse {
+    /// Tokens issued.
+    #[oai(status = 200)]
+    Ok(
+        Json<TokenResponseBody>,
+        #[oai(header = "Cache-Control")] String,
+        #[oai(header = "Pragma")] String,
+    ),
+}
+
+impl From<Tokens> for TokenResponse {
+    fn from(t: Tokens) -> Self {
+        TokenResponse::Ok(
+            Json(TokenResponseBody {
+                access_token: t.access_token,
+                token_type: "Bearer".into(),
+                expires_in: t.expires_in,
+                refresh_token: t.refresh_token,
+                refresh_expires_in: t.refresh_expires_in,
+                session_id: t.session_id,
+            }),
+            "no-store".into(),
+            "no-cache".into(),
+        )
+    }
+}
+
+#[derive(ApiResponse)]
+pub enum NoContent {
+    /// Done.
+    #[oai(status = 204)]
+    Done,
+}
+
+pub struct AuthApi;
+
+#[OpenApi(prefix_path = "/v1/auth", tag = "ApiTags::Auth")]
+impl AuthApi {
+    /// Create an account
+    ///
+    /// Emails are trimmed and lower-cased; passwords are 8 to 1024 characters.
+    /// A taken email is answered with 409 `email_taken`.
+    #[oai(path = "/register", method = "post", operation_id = "register")]
+    async fn register(
+        &self,
+        state: Data<&Arc<AppState>>,
+        body: Json<Credentials>,
+    ) -> Result<RegisterResponse, ApiError> {
+        let email = Email::parse(&body.0.email)?;
+        let password = Password::new(body.0.password.0)?;
+        let user = auth::register(&state, email, password).await?;
+        Ok(RegisterResponse::Created(Json(RegisteredUser {
+            id: user.id,
+            email: user.email,
+            created_at: user.created_at,
+        })))
+    }
+
+    /// Log in
+    ///
+    /// Returns an access token and a refresh token. A wrong password and an unknown email
+    /// get the same 401 `invalid_credentials`.
+    #[oai(path = "/login", method = "post", operation_id = "login")]
+    async fn login(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        body: Json<Credentials>,
+    ) -> Result<TokenResponse, ApiError> {
+        let client = client_info(req, &state.config.trusted_proxies);
+        // A malformed email cannot belong to an account: answer it like a wrong password.
+        let email = Email::parse(&body.0.email).map_err(|_| auth::invalid_credentials())?;
+        let password = Password::candidate(body.0.password.0)?;
+        Ok(auth::login(&state, email, password, &client).await?.into())
+    }
+
+    /// Exchange a refresh token for new tokens
+    ///
+    /// The refresh token is rotated: the response carries a new one and the old one is
+    /// retired. Any 401 here means: log in again.
+    #[oai(path = "/refresh", method = "post", operation_id = "refresh")]
+    async fn refresh(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        body: Json<RefreshRequest>,
+    ) -> Result<TokenResponse, ApiError> {
+        let client = client_info(req, &state.config.trusted_proxies);
+        Ok(auth::refresh(&state, &body.0.refresh_token.0, &client)
+            .await?
+            .into())
+    }
+
+    /// End this session
+    ///
+    /// Every access token of the session is refused from the next request on, and its
+    /// refresh token no longer works.
+    #[oai(path = "/logout", method = "post", operation_id = "logout")]
+    async fn logout(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+    ) -> Result<NoContent, ApiError> {
+        auth::logout(&state, auth.0.claims.sid).await?;
+        Ok(NoContent::Done)
+    }
+
+    /// The current session
+    ///
+    /// Answered from the token and the revocation store alone, without SQL.
+    #[oai(path = "/session", method = "get", operation_id = "currentSession")]
+    async fn session(&self, auth: BearerAuth) -> Json<SessionInfo> {
+        let a = auth.0;
+        Json(SessionInfo {
+            session_id: a.claims.sid,
+            user_id: a.claims.sub,
+            roles: a.claims.roles,
+            expires_at: a.session.expires_at,
+        })
+    }
+}

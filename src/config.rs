@@ -1,0 +1,395 @@
+//! One typed configuration, read from the environment once and validated at start.
+//!
+//! Every variable has a default (see `.env.example`); a value that does not parse stops
+//! start-up with an error naming the variable. Secrets are wrapped so they never print.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// A token-bucket budget: `capacity` tokens, refilled at `capacity` per `period`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub capacity: u32,
+    pub period: Duration,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (n, period) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected N/DURATION such as 30/1m, got {s:?}"))?;
+        let capacity: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{n:?} is not a whole number"))?;
+        let period = humantime::parse_duration(period.trim()).map_err(|e| e.to_string())?;
+        if capacity == 0 || period.is_zero() {
+            return Err("capacity and period must be greater than zero".into());
+        }
+        Ok(Rate { capacity, period })
+    }
+}
+
+/// A peer whose forwarding headers are believed: one address or a CIDR block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustedProxy {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl TrustedProxy {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 peers (`::ffff:10.0.0.1`) compare as the IPv4 address they are.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl FromStr for TrustedProxy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+        let addr = canonical(addr);
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
+            None => max,
+        };
+        Ok(TrustedProxy { addr, prefix })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub database_url: SecretString,
+    pub redis_url: Option<SecretString>,
+    pub redis_key_prefix: String,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub jwt_client_id: String,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub refresh_reuse_grace: Duration,
+    pub rate_limit_login_per_ip: Rate,
+    pub rate_limit_login_per_account: Rate,
+    pub rate_limit_register_per_ip: Rate,
+    pub rate_limit_refresh_per_ip: Rate,
+    pub trusted_proxies: Vec<TrustedProxy>,
+    pub database_max_connections: u32,
+    pub database_min_connections: u32,
+    pub database_acquire_timeout: Duration,
+    pub database_idle_timeout: Duration,
+    pub redis_connect_timeout: Duration,
+    pub redis_response_timeout: Duration,
+    pub password_hash_workers: usize,
+    pub password_hash_queue: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {variable}: {reason}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads the process environment (after `.env`, when present).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from a map; what the test harness uses, so tests never
+    /// touch the process environment.
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| map.get(name).cloned())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env { lookup: &lookup };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+
+        let config = Config {
+            listen_addr: env.parse("LISTEN_ADDR", "127.0.0.1:8080")?,
+            database_url: SecretString::from(
+                env.string("DATABASE_URL", "sqlite://latchkey.db?mode=rwc"),
+            ),
+            redis_url: env.optional("REDIS_URL").map(SecretString::from),
+            redis_key_prefix: env.string("REDIS_KEY_PREFIX", "latchkey:"),
+            jwt_issuer: env.string("JWT_ISSUER", "http://localhost:8080"),
+            jwt_audience: env.string("JWT_AUDIENCE", "latchkey"),
+            jwt_client_id: env.string("JWT_CLIENT_ID", "latchkey"),
+            access_token_ttl: env.duration("ACCESS_TOKEN_TTL", "15m")?,
+            refresh_token_ttl: env.duration("REFRESH_TOKEN_TTL", "30d")?,
+            refresh_reuse_grace: env.duration("REFRESH_REUSE_GRACE", "10s")?,
+            rate_limit_login_per_ip: env.parse("RATE_LIMIT_LOGIN_PER_IP", "30/1m")?,
+            rate_limit_login_per_account: env.parse("RATE_LIMIT_LOGIN_PER_ACCOUNT", "10/1m")?,
+            rate_limit_register_per_ip: env.parse("RATE_LIMIT_REGISTER_PER_IP", "10/1m")?,
+            rate_limit_refresh_per_ip: env.parse("RATE_LIMIT_REFRESH_PER_IP", "60/1m")?,
+            trusted_proxies: env.list("TRUSTED_PROXIES")?,
+            database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", "10")?,
+            database_min_connections: env.parse("DATABASE_MIN_CONNECTIONS", "1")?,
+            database_acquire_timeout: env.duration("DATABASE_ACQUIRE_TIMEOUT", "3s")?,
+            database_idle_timeout: env.duration("DATABASE_IDLE_TIMEOUT", "10m")?,
+            redis_connect_timeout: env.duration("REDIS_CONNECT_TIMEOUT", "1s")?,
+            redis_response_timeout: env.duration("REDIS_RESPONSE_TIMEOUT", "500ms")?,
+            password_hash_workers: env.parse("PASSWORD_HASH_WORKERS", &cores.to_string())?,
+            password_hash_queue: env.parse("PASSWORD_HASH_QUEUE", "64")?,
+            max_body_bytes: env.parse("MAX_BODY_BYTES", "65536")?,
+            shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
+            log_format: match env.string("LOG_FORMAT", "text").as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(invalid(
+                        "LOG_FORMAT",
+                        format!("expected text or json, got {other:?}"),
+                    ));
+                }
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let db = self.database_url.expose_secret();
+        if !(db.starts_with("postgres://")
+            || db.starts_with("postgresql://")
+            || db.starts_with("sqlite:"))
+        {
+            return Err(invalid(
+                "DATABASE_URL",
+                "must start with postgres://, postgresql:// or sqlite:".into(),
+            ));
+        }
+        if let Some(redis) = &self.redis_url {
+            let r = redis.expose_secret();
+            if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
+                return Err(invalid(
+                    "REDIS_URL",
+                    "must start with redis:// or rediss://".into(),
+                ));
+            }
+            redis::Client::open(r)
+                .map_err(|_| invalid("REDIS_URL", "is not a valid Redis URL".into()))?;
+        }
+        url::Url::parse(&self.jwt_issuer)
+            .map_err(|e| invalid("JWT_ISSUER", format!("must be a URL: {e}")))?;
+        for (name, value) in [
+            ("JWT_AUDIENCE", &self.jwt_audience),
+            ("JWT_CLIENT_ID", &self.jwt_client_id),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(name, "must not be empty".into()));
+            }
+        }
+        let positive = [
+            ("ACCESS_TOKEN_TTL", self.access_token_ttl),
+            ("REFRESH_TOKEN_TTL", self.refresh_token_ttl),
+            ("DATABASE_ACQUIRE_TIMEOUT", self.database_acquire_timeout),
+            ("REDIS_CONNECT_TIMEOUT", self.redis_connect_timeout),
+            ("REDIS_RESPONSE_TIMEOUT", self.redis_response_timeout),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(name, "must be greater than zero".into()));
+            }
+        }
+        if self.access_token_ttl > self.refresh_token_ttl {
+            return Err(invalid(
+                "ACCESS_TOKEN_TTL",
+                "must not be longer than REFRESH_TOKEN_TTL".into(),
+            ));
+        }
+        if self.database_max_connections == 0
+            || self.database_min_connections > self.database_max_connections
+        {
+            return Err(invalid(
+                "DATABASE_MAX_CONNECTIONS",
+                "must be at least 1 and at least DATABASE_MIN_CONNECTIONS".into(),
+            ));
+        }
+        if self.password_hash_workers == 0 {
+            return Err(invalid(
+                "PASSWORD_HASH_WORKERS",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("MAX_BODY_BYTES", "must be at least 1024".into()));
+        }
+        Ok(())
+    }
+
+    pub fn uses_sqlite(&self) -> bool {
+        self.database_url.expose_secret().starts_with("sqlite:")
+    }
+}
+
+fn invalid(variable: &'static str, reason: String) -> ConfigError {
+    ConfigError { variable, reason }
+}
+
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    /// Unset and empty mean the same: the default.
+    fn optional(&self, name: &str) -> Option<String> {
+        (self.lookup)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.optional(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str, default: &str) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.string(name, default);
+        raw.parse()
+            .map_err(|e: T::Err| invalid(name, format!("{raw:?}: {e}")))
+    }
+
+    fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let raw = self.string(name, default);
+        humantime::parse_duration(&raw)
+            .map_err(|e| invalid(name, format!("{raw:?}: {e} (use e.g. 10s, 15m, 30d)")))
+    }
+
+    fn list<T: FromStr<Err = String>>(&self, name: &'static str) -> Result<Vec<T>, ConfigError> {
+        self.optional(name)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().map_err(|e| invalid(name, e)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_map(&map)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = config(&[]).expect("defaults");
+        assert_eq!(c.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.access_token_ttl, Duration::from_secs(900));
+        assert_eq!(c.refresh_token_ttl, Duration::from_secs(30 * 86400));
+        assert_eq!(
+            c.rate_limit_login_per_ip,
+            Rate {
+                capacity: 30,
+                period: Duration::from_secs(60)
+            }
+        );
+        assert!(c.redis_url.is_none());
+        assert!(c.uses_sqlite());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (var, value) in [
+            ("ACCESS_TOKEN_TTL", "fifteen"),
+            ("LISTEN_ADDR", "nowhere"),
+            ("RATE_LIMIT_LOGIN_PER_IP", "30"),
+            ("RATE_LIMIT_REFRESH_PER_IP", "0/1m"),
+            ("TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("REDIS_URL", "http://x"),
+            ("DATABASE_URL", "mysql://x"),
+            ("JWT_ISSUER", "not a url"),
+            ("LOG_FORMAT", "xml"),
+        ] {
+            let err = config(&[(var, value)]).expect_err(var);
+            assert_eq!(err.variable, var, "{err}");
+            assert!(err.to_string().contains(var));
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = config(&[
+            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
+            ("REDIS_URL", "redis://:pw123@r"),
+        ])
+        .expect("config");
+        let printed = format!("{c:?}");
+        assert!(
+            !printed.contains("hunter2") && !printed.contains("pw123"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_match_blocks() {
+        let p: TrustedProxy = "10.0.0.0/8".parse().expect("cidr");
+        assert!(p.contains("10.1.2.3".parse().expect("ip")));
+        assert!(p.contains("::ffff:10.1.2.3".parse().expect("ip")));
+        assert!(!p.contains("11.0.0.1".parse().expect("ip")));
+        let one: TrustedProxy = "::1".parse().expect("ip");
+        assert!(one.contains("::1".parse().expect("ip")));
+        let all: TrustedProxy = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains("8.8.8.8".parse().expect("ip")));
+    }
+}

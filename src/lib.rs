@@ -1,0 +1,19 @@
+//! Latchkey: a single-binary JWT auth server.
+//!
+//! A request reads top to bottom: `api` (poem-openapi operations and the bearer scheme)
+//! → `service` (the rules) → `store` (SQL and the revocation store). `token` is the only
+//! module that touches jsonwebtoken; `password` the only one that runs argon2.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod password;
+pub mod service;
+pub mod startup;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod token;

@@ -1,0 +1,382 @@
+//! Register, login, refresh (rotation), logout and the profile.
+//!
+//! SQL is the truth and the serialisation point; the revocation store is written after
+//! each commit, idempotently. What a retired refresh token gets when presented again is
+//! decided in exactly one place: `on_reuse`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _,
+    QuerySelect as _, Set, SqlErr, TransactionTrait as _,
+};
+use uuid::Uuid;
+
+use super::ClientInfo;
+use crate::domain::{Email, Password};
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+use crate::store::entity::{refresh_token, role, session, user, user_role};
+use crate::store::revocation::{Activation, SessionRecord};
+use crate::token::{self, AccessClaims};
+
+/// What login and refresh hand back.
+#[derive(Debug)]
+pub struct Tokens {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub refresh_expires_in: u64,
+    pub session_id: Uuid,
+}
+
+/// A user agent longer than this is cut: it is a label, not evidence.
+const MAX_USER_AGENT: usize = 512;
+
+fn user_agent(client: &ClientInfo) -> Option<String> {
+    client
+        .user_agent
+        .as_ref()
+        .map(|ua| ua.chars().take(MAX_USER_AGENT).collect())
+}
+
+fn seconds_until(now: DateTime<Utc>, then: DateTime<Utc>) -> u64 {
+    u64::try_from((then - now).num_seconds()).unwrap_or(0)
+}
+
+fn std_until(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
+    (then - now).to_std().unwrap_or(Duration::ZERO)
+}
+
+pub async fn register(
+    state: &AppState,
+    email: Email,
+    password: Password,
+) -> Result<user::Model, ApiError> {
+    let password_hash = state.hasher.hash(password).await?;
+    let now = state.clock.now();
+    let row = user::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        email: Set(email.as_str().to_owned()),
+        password_hash: Set(password_hash),
+        is_verified: Set(false),
+        created_at: Set(now),
+        updated_at: Set(now),
+        last_login_at: Set(None),
+    };
+    row.insert(&state.db).await.map_err(|e| match e.sql_err() {
+        Some(SqlErr::UniqueConstraintViolation(_)) => ApiError::new(
+            ErrorCode::EmailTaken,
+            "An account with this email already exists.",
+        ),
+        _ => ApiError::from(e),
+    })
+}
+
+pub fn invalid_credentials() -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidCredentials,
+        "The email or password is incorrect.",
+    )
+}
+
+pub async fn login(
+    state: &AppState,
+    email: Email,
+    password: Password,
+    client: &ClientInfo,
+) -> Result<Tokens, ApiError> {
+    let account = user::Entity::find()
+        .filter(user::Column::Email.eq(email.as_str()))
+        .one(&state.db)
+        .await?;
+    // Unknown emails verify against the dummy hash: the same work, the same answer.
+    let ok = state
+        .hasher
+        .verify(password, account.as_ref().map(|u| u.password_hash.as_str()))
+        .await?;
+    let account = match account {
+        Some(account) if ok => account,
+        _ => return Err(invalid_credentials()),
+    };
+
+    let now = state.clock.now();
+    let ttl =
+        chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
+    let session_id = Uuid::new_v4();
+    let expires_at = now + ttl;
+    let refresh = token::new_refresh_token()?;
+    let jti = Uuid::now_v7();
+    let ip = client.ip.map(|ip| ip.to_string());
+    let ua = user_agent(client);
+
+    let txn = state.db.begin().await?;
+    session::ActiveModel {
+        id: Set(session_id),
+        user_id: Set(account.id),
+        user_agent: Set(ua.clone()),
+        ip_address: Set(ip.clone()),
+        last_used_ip: Set(ip.clone()),
+        created_at: Set(now),
+        last_used_at: Set(now),
+        expires_at: Set(expires_at),
+        revoked_at: Set(None),
+    }
+    .insert(&txn)
+    .await?;
+    insert_refresh_token(
+        &txn, jti, session_id, account.id, &refresh, None, now, expires_at, client,
+    )
+    .await?;
+    user::Entity::update_many()
+        .col_expr(user::Column::LastLoginAt, Expr::value(now))
+        .filter(user::Column::Id.eq(account.id))
+        .exec(&txn)
+        .await?;
+    let roles = roles_of(&txn, account.id).await?;
+    txn.commit().await?;
+
+    issue(
+        state, account.id, session_id, expires_at, roles, jti, None, refresh, now,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_refresh_token(
+    db: &impl ConnectionTrait,
+    jti: Uuid,
+    session_id: Uuid,
+    user_id: Uuid,
+    token: &str,
+    parent: Option<Uuid>,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    client: &ClientInfo,
+) -> Result<(), ApiError> {
+    refresh_token::ActiveModel {
+        id: Set(jti),
+        session_id: Set(session_id),
+        user_id: Set(user_id),
+        token_hash: Set(token::refresh_token_hash(token)),
+        parent_id: Set(parent),
+        created_at: Set(now),
+        expires_at: Set(expires_at),
+        retired_at: Set(None),
+        revoked_at: Set(None),
+        user_agent: Set(user_agent(client)),
+        ip_address: Set(client.ip.map(|ip| ip.to_string())),
+        successor_sealed: Set(None),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+/// The role names of a user, from SQL.
+pub async fn roles_of(db: &impl ConnectionTrait, user_id: Uuid) -> Result<Vec<String>, ApiError> {
+    let mut names: Vec<String> = user_role::Entity::find()
+        .inner_join(role::Entity)
+        .filter(user_role::Column::UserId.eq(user_id))
+        .select_only()
+        .column(role::Column::Name)
+        .into_tuple()
+        .all(db)
+        .await?;
+    names.sort();
+    Ok(names)
+}
+
+/// After the commit: make the session live in the revocation store, then sign.
+#[allow(clippy::too_many_arguments)]
+async fn issue(
+    state: &AppState,
+    user_id: Uuid,
+    session_id: Uuid,
+    session_expires_at: DateTime<Utc>,
+    roles: Vec<String>,
+    jti: Uuid,
+    retired_jti: Option<Uuid>,
+    refresh_token: String,
+    now: DateTime<Utc>,
+) -> Result<Tokens, ApiError> {
+    state
+        .store
+        .activate(&Activation {
+            session_id,
+            record: SessionRecord {
+                user_id,
+                expires_at: session_expires_at,
+            },
+            refresh_jti: jti,
+            retired_jti,
+            ttl: std_until(now, session_expires_at),
+        })
+        .await?;
+
+    let access_ttl =
+        chrono::Duration::from_std(state.config.access_token_ttl).map_err(ApiError::internal)?;
+    // An access token never outlives its session.
+    let exp = (now + access_ttl).min(session_expires_at);
+    let claims = AccessClaims {
+        iss: state.config.jwt_issuer.clone(),
+        aud: state.config.jwt_audience.clone(),
+        sub: user_id,
+        client_id: state.config.jwt_client_id.clone(),
+        sid: session_id,
+        jti: Uuid::new_v4(),
+        iat: now.timestamp(),
+        exp: exp.timestamp(),
+        roles,
+    };
+    Ok(Tokens {
+        access_token: state.keys.sign(&claims)?,
+        expires_in: seconds_until(now, exp),
+        refresh_token,
+        refresh_expires_in: seconds_until(now, session_expires_at),
+        session_id,
+    })
+}
+
+fn refresh_refused(detail: &'static str) -> ApiError {
+    ApiError::invalid_token(detail)
+}
+
+/// The one rule for a refresh token that was already rotated (see SPEC "Tokens").
+fn on_reuse(_retired: &refresh_token::Model) -> ApiError {
+    ApiError::new(
+        ErrorCode::RefreshTokenReused,
+        "This refresh token was already used; log in again.",
+    )
+}
+
+pub async fn refresh(
+    state: &AppState,
+    presented: &str,
+    client: &ClientInfo,
+) -> Result<Tokens, ApiError> {
+    // A refresh token is 43 base64url characters; anything else cannot match.
+    if presented.len() > 128 {
+        return Err(refresh_refused("The refresh token is not valid."));
+    }
+    let hash = token::refresh_token_hash(presented);
+    let row = refresh_token::Entity::find()
+        .filter(refresh_token::Column::TokenHash.eq(hash))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| refresh_refused("The refresh token is not valid."))?;
+    let now = state.clock.now();
+    if row.revoked_at.is_some() {
+        return Err(refresh_refused(
+            "The session of this refresh token has ended.",
+        ));
+    }
+    let session = session::Entity::find_by_id(row.session_id)
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| refresh_refused("The session of this refresh token has ended."))?;
+    if session.revoked_at.is_some() || now >= session.expires_at {
+        return Err(refresh_refused(
+            "The session of this refresh token has ended.",
+        ));
+    }
+    if row.retired_at.is_some() {
+        return Err(on_reuse(&row));
+    }
+
+    let new_token = token::new_refresh_token()?;
+    let jti = Uuid::now_v7();
+    let txn = state.db.begin().await?;
+    // The compare-and-swap: only one caller can retire this token.
+    let retired = refresh_token::Entity::update_many()
+        .col_expr(refresh_token::Column::RetiredAt, Expr::value(now))
+        .filter(refresh_token::Column::Id.eq(row.id))
+        .filter(refresh_token::Column::RetiredAt.is_null())
+        .filter(refresh_token::Column::RevokedAt.is_null())
+        .exec(&txn)
+        .await?;
+    if retired.rows_affected != 1 {
+        txn.rollback().await?;
+        return Err(on_reuse(&row));
+    }
+    insert_refresh_token(
+        &txn,
+        jti,
+        session.id,
+        row.user_id,
+        &new_token,
+        Some(row.id),
+        now,
+        session.expires_at,
+        client,
+    )
+    .await?;
+    session::Entity::update_many()
+        .col_expr(session::Column::LastUsedAt, Expr::value(now))
+        .col_expr(
+            session::Column::LastUsedIp,
+            Expr::value(client.ip.map(|ip| ip.to_string())),
+        )
+        .filter(session::Column::Id.eq(session.id))
+        .exec(&txn)
+        .await?;
+    let roles = roles_of(&txn, row.user_id).await?;
+    txn.commit().await?;
+
+    issue(
+        state,
+        row.user_id,
+        session.id,
+        session.expires_at,
+        roles,
+        jti,
+        Some(row.id),
+        new_token,
+        now,
+    )
+    .await
+}
+
+/// Ends one session: SQL first (the truth), then the store (the instant effect).
+/// Idempotent, so a retry after a store failure finishes the job.
+pub async fn logout(state: &AppState, session_id: Uuid) -> Result<(), ApiError> {
+    let now = state.clock.now();
+    let txn = state.db.begin().await?;
+    session::Entity::update_many()
+        .col_expr(session::Column::RevokedAt, Expr::value(now))
+        .filter(session::Column::Id.eq(session_id))
+        .filter(session::Column::RevokedAt.is_null())
+        .exec(&txn)
+        .await?;
+    refresh_token::Entity::update_many()
+        .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
+        .filter(refresh_token::Column::SessionId.eq(session_id))
+        .filter(refresh_token::Column::RevokedAt.is_null())
+        .exec(&txn)
+        .await?;
+    let jtis: Vec<Uuid> = refresh_token::Entity::find()
+        .filter(refresh_token::Column::SessionId.eq(session_id))
+        .filter(refresh_token::Column::RetiredAt.is_null())
+        .select_only()
+        .column(refresh_token::Column::Id)
+        .into_tuple()
+        .all(&txn)
+        .await?;
+    txn.commit().await?;
+    state.store.revoke(&[session_id], &jtis).await?;
+    Ok(())
+}
+
+pub async fn profile(
+    state: &AppState,
+    user_id: Uuid,
+) -> Result<(user::Model, Vec<String>), ApiError> {
+    let account = user::Entity::find_by_id(user_id)
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::TokenRevoked, "The account no longer exists."))?;
+    let roles = roles_of(&state.db, user_id).await?;
+    Ok((account, roles))
+}

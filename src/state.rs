@@ -1,0 +1,20 @@
+//! What every request can reach: built once by `startup`, shared behind an `Arc`.
+
+use std::sync::Arc;
+
+use sea_orm::DatabaseConnection;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::password::PasswordHasher;
+use crate::store::revocation::RevocationStore;
+use crate::token::KeyRing;
+
+pub struct AppState {
+    pub config: Config,
+    pub db: DatabaseConnection,
+    pub store: Arc<dyn RevocationStore>,
+    pub keys: KeyRing,
+    pub hasher: PasswordHasher,
+    pub clock: Clock,
+}

@@ -1,0 +1,97 @@
+//! The SQL pool and migrations.
+//!
+//! PostgreSQL in production, SQLite as the embedded default (WAL and a busy timeout, so
+//! concurrent writers wait instead of failing). Pending migrations are applied at start;
+//! on PostgreSQL under an advisory lock, so several instances starting at once apply them
+//! exactly once.
+
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+};
+use secrecy::ExposeSecret;
+
+use crate::config::Config;
+
+/// An arbitrary constant: the key of the advisory lock that serialises migrations.
+const MIGRATION_LOCK_KEY: i64 = 0x6c61_7463_686b_6579; // "latchkey"
+
+pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
+    let mut opts = ConnectOptions::new(config.database_url.expose_secret().to_owned());
+    opts.max_connections(config.database_max_connections)
+        .min_connections(config.database_min_connections)
+        .acquire_timeout(config.database_acquire_timeout)
+        .connect_timeout(config.database_acquire_timeout)
+        .idle_timeout(config.database_idle_timeout)
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true)
+        });
+    Database::connect(opts).await
+}
+
+/// `SELECT 1` within `timeout`: what `/ready` asks.
+pub async fn ping(db: &DatabaseConnection, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, db.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// Migrations and the first signing key, under one start-up lock on PostgreSQL so several
+/// instances starting at once neither race on DDL nor each generate a "first" key.
+pub async fn migrate_and_prepare(
+    config: &Config,
+    db: &DatabaseConnection,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        Migrator::up(db, None).await?;
+        crate::token::ensure_signing_key(db, now).await?;
+        return Ok(());
+    }
+    let conn = locked_connection(config).await?;
+    let result: anyhow::Result<()> = async {
+        Migrator::up(&conn, None).await?;
+        crate::token::ensure_signing_key(&conn, now).await?;
+        Ok(())
+    }
+    .await;
+    let unlocked = unlock(&conn).await;
+    let _ = conn.close().await;
+    result?;
+    unlocked?;
+    Ok(())
+}
+
+/// A one-connection pool holding the start-up advisory lock (a lock belongs to a session).
+async fn locked_connection(config: &Config) -> Result<DatabaseConnection, DbErr> {
+    let mut opts = ConnectOptions::new(config.database_url.expose_secret().to_owned());
+    opts.max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    let conn = Database::connect(opts).await?;
+    let lock = Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_lock($1)",
+        [MIGRATION_LOCK_KEY.into()],
+    );
+    conn.execute_raw(lock).await?;
+    Ok(conn)
+}
+
+async fn unlock(conn: &DatabaseConnection) -> Result<(), DbErr> {
+    let unlock = Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_unlock($1)",
+        [MIGRATION_LOCK_KEY.into()],
+    );
+    conn.execute_raw(unlock).await.map(|_| ())
+}

@@ -1,0 +1,9 @@
+//! sea-orm entities, one per table of the data model (see `migration/`).
+
+pub mod audit_log;
+pub mod refresh_token;
+pub mod role;
+pub mod session;
+pub mod signing_key;
+pub mod user;
+pub mod user_role;

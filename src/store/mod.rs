@@ -1,0 +1,5 @@
+//! Persistence: SQL (the durable truth) and the revocation store (fast session state).
+
+pub mod db;
+pub mod entity;
+pub mod revocation;
