@@ -248,13 +248,13 @@ impl AuthApi {
     ///
     /// Answered from the token and the revocation store alone, without SQL.
     #[oai(path = "/session", method = "get", operation_id = "currentSession")]
-    async fn session(&self, auth: BearerAuth) -> Json<SessionInfo> {
+    async fn session(&self, auth: BearerAuth) -> Result<Json<SessionInfo>, ApiError> {
         let a = auth.0;
-        Json(SessionInfo {
+        Ok(Json(SessionInfo {
             session_id: a.claims.sid,
             user_id: a.claims.sub,
             roles: a.claims.roles,
             expires_at: a.session.expires_at,
-        })
+        }))
     }
 }

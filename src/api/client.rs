@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use poem::Request;
-use poem::http::header;
+use poem::http::{HeaderMap, header};
 
 use crate::config::{TrustedProxy, canonical};
 use crate::service::ClientInfo;
@@ -24,25 +24,27 @@ pub fn client_info(req: &Request, trusted: &[TrustedProxy]) -> ClientInfo {
 }
 
 pub fn client_ip(req: &Request, trusted: &[TrustedProxy]) -> Option<IpAddr> {
-    let peer = canonical(req.remote_addr().as_socket_addr()?.ip());
+    let peer = req.remote_addr().as_socket_addr()?.ip();
+    Some(client_ip_from(peer, req.headers(), trusted))
+}
+
+/// The client behind `peer`, believing forwarding headers only from trusted proxies.
+pub fn client_ip_from(peer: IpAddr, headers: &HeaderMap, trusted: &[TrustedProxy]) -> IpAddr {
+    let peer = canonical(peer);
     let is_trusted = |ip: IpAddr| trusted.iter().any(|p| p.contains(ip));
     if !is_trusted(peer) {
-        return Some(peer);
+        return peer;
     }
-    let forwarded = forwarded_chain(req);
     // Walk from the nearest hop outwards; the first address we do not trust is the client.
-    Some(
-        forwarded
-            .into_iter()
-            .rev()
-            .find(|ip| !is_trusted(*ip))
-            .unwrap_or(peer),
-    )
+    forwarded_chain(headers)
+        .into_iter()
+        .rev()
+        .find(|ip| !is_trusted(*ip))
+        .unwrap_or(peer)
 }
 
 /// Addresses in the order the proxies appended them (client first).
-fn forwarded_chain(req: &Request) -> Vec<IpAddr> {
-    let headers = req.headers();
+fn forwarded_chain(headers: &HeaderMap) -> Vec<IpAddr> {
     let xff: Vec<IpAddr> = headers
         .get_all("x-forwarded-for")
         .iter()
@@ -86,51 +88,43 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 mod tests {
     use super::*;
 
-    fn request(peer: &str, headers: &[(&str, &str)]) -> Request {
-        let mut builder = Request::builder();
+    fn resolve(peer: &str, headers: &[(&str, &str)], trusted: &[TrustedProxy]) -> IpAddr {
+        let mut map = HeaderMap::new();
         for (k, v) in headers {
-            builder = builder.header(*k, *v);
+            map.append(
+                poem::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
         }
-        let mut req = builder.finish();
         let addr: std::net::SocketAddr = peer.parse().expect("peer");
-        req.state_mut().remote_addr = poem::Addr::SocketAddr(addr).into();
-        req
+        client_ip_from(addr.ip(), &map, trusted)
     }
 
     fn proxies(list: &[&str]) -> Vec<TrustedProxy> {
         list.iter().map(|p| p.parse().expect("proxy")).collect()
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
     #[test]
     fn untrusted_peer_headers_are_ignored() {
-        let req = request("203.0.113.9:5000", &[("x-forwarded-for", "1.1.1.1")]);
-        assert_eq!(
-            client_ip(&req, &[]),
-            Some("203.0.113.9".parse().expect("ip"))
-        );
+        let got = resolve("203.0.113.9:5000", &[("x-forwarded-for", "1.1.1.1")], &[]);
+        assert_eq!(got, ip("203.0.113.9"));
     }
 
     #[test]
     fn trusted_proxy_yields_rightmost_untrusted() {
-        let req = request(
-            "10.0.0.2:5000",
-            &[("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.0.0.3")],
-        );
-        assert_eq!(
-            client_ip(&req, &proxies(&["10.0.0.0/8"])),
-            Some("198.51.100.7".parse().expect("ip"))
-        );
+        let headers = [("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.0.0.3")];
+        let got = resolve("10.0.0.2:5000", &headers, &proxies(&["10.0.0.0/8"]));
+        assert_eq!(got, ip("198.51.100.7"));
     }
 
     #[test]
     fn forwarded_header_is_understood() {
-        let req = request(
-            "10.0.0.2:5000",
-            &[("forwarded", r#"for="[2001:db8::1]:4711";proto=https"#)],
-        );
-        assert_eq!(
-            client_ip(&req, &proxies(&["10.0.0.2"])),
-            Some("2001:db8::1".parse().expect("ip"))
-        );
+        let headers = [("forwarded", r#"for="[2001:db8::1]:4711";proto=https"#)];
+        let got = resolve("10.0.0.2:5000", &headers, &proxies(&["10.0.0.2"]));
+        assert_eq!(got, ip("2001:db8::1"));
     }
 }

@@ -1,0 +1,11 @@
+//! Latchkey's integration tests: one binary (STYLE habit 1). Every test starts the real
+//! server on port 0 against real services — a fresh PostgreSQL database or SQLite file,
+//! Redis under its own key prefix or the in-process store — and talks HTTP to it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod bad_input;
+mod flow;
+mod helpers;
+mod openapi;
+mod outage;
+mod tokens;

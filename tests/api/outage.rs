@@ -1,0 +1,114 @@
+//! Redis is needed for sessions, not for start-up: the server fails closed while it is
+//! away and heals by itself when it returns.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{
+    Backend, PrivateRedis, Resources, Store, TestApp, assert_problem, eventually,
+};
+
+async fn ready(app: &TestApp) -> (StatusCode, Value) {
+    let resp = app.get("/ready", None).await;
+    (resp.status(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn starts_without_redis_fails_closed_and_heals_when_it_appears() {
+    let mut redis = PrivateRedis::reserve();
+    let resources = Resources::new(Backend::Postgres, &Store::RedisAt(redis.url())).await;
+    let app = TestApp::spawn_on(resources, &[]).await;
+
+    assert_eq!(app.get("/health", None).await.status(), StatusCode::OK);
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["redis"], "unavailable", "{body}");
+    assert_eq!(body["checks"]["database"], "ok", "{body}");
+
+    // Registration needs only SQL; login must make the session live, so it cannot pass.
+    assert_eq!(
+        app.register("r@example.com", crate::helpers::PASSWORD)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let started = Instant::now();
+    let resp = app.login("r@example.com", crate::helpers::PASSWORD).await;
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failing closed must not hang: {:?}",
+        started.elapsed()
+    );
+
+    redis.start().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ready(&app).await.0 == StatusCode::OK
+        })
+        .await,
+        "/ready did not recover without a restart"
+    );
+    let resp = app.login("r@example.com", crate::helpers::PASSWORD).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let tokens: Value = resp.json().await.unwrap();
+    let access = tokens["access_token"].as_str().unwrap();
+    assert_eq!(
+        app.get("/v1/users/me", Some(access)).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
+    let mut redis = PrivateRedis::reserve();
+    redis.start().await;
+    let resources = Resources::new(Backend::Sqlite, &Store::RedisAt(redis.url())).await;
+    let app = TestApp::spawn_on(resources, &[]).await;
+    let (_, tokens) = app.signed_in_user().await;
+    assert_eq!(
+        app.get("/v1/users/me", Some(&tokens.access)).await.status(),
+        StatusCode::OK
+    );
+
+    redis.kill();
+    for path in ["/v1/users/me", "/v1/auth/session"] {
+        let started = Instant::now();
+        let resp = app.get(path, Some(&tokens.access)).await;
+        assert!(resp.headers().contains_key("retry-after"));
+        assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no hang: {:?}",
+            started.elapsed()
+        );
+    }
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["redis"], "unavailable");
+
+    // Back, empty (it keeps nothing on disk): the server reconnects by itself. The old
+    // session's state is gone from Redis, so its token is refused as revoked, not passed.
+    redis.start().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ready(&app).await.0 == StatusCode::OK
+        })
+        .await,
+        "/ready did not recover"
+    );
+    assert_problem(
+        app.get("/v1/users/me", Some(&tokens.access)).await,
+        StatusCode::UNAUTHORIZED,
+        "token_revoked",
+    )
+    .await;
+    let (_, fresh) = app.signed_in_user().await;
+    assert_eq!(
+        app.get("/v1/users/me", Some(&fresh.access)).await.status(),
+        StatusCode::OK
+    );
+}
