@@ -47,7 +47,7 @@ pub async fn migrate(config: &Config, action: MigrateAction) -> anyhow::Result<(
     if let MigrateAction::Fresh { yes: false } = action {
         bail!("`migrate fresh` drops every table and all data; run it again with --yes to confirm");
     }
-    let conn = db::connect(config)
+    let conn = db::connect_with(config, 1)
         .await
         .context("connecting to the database (DATABASE_URL)")?;
     match action {

@@ -175,9 +175,10 @@ pub async fn ensure_signing_key(
     now: DateTime<Utc>,
 ) -> Result<(), KeyError> {
     let keys = signing_key::Entity::find().all(db).await?;
-    let usable = keys
-        .iter()
-        .any(|k| k.activates_at <= now && k.retires_at.is_none_or(|r| r > now));
+    // Any key not yet retired counts, even one that activates a moment from now (the
+    // instance that made it may have a clock slightly ahead of ours): generating a second
+    // "first" key would split instances.
+    let usable = keys.iter().any(|k| k.retires_at.is_none_or(|r| r > now));
     if !usable {
         let row = generate_ed25519(now)?;
         let kid = row.kid.clone();
@@ -204,7 +205,17 @@ impl KeyRing {
             }
             verifiers.insert(row.kid.clone(), key);
         }
-        let signer = signer.ok_or(KeyError::NoSigner)?;
+        // Clock skew between instances can leave a just-created key a moment in the future;
+        // the earliest one then signs rather than nothing.
+        let signer = match signer {
+            Some(key) => key,
+            None => rows
+                .iter()
+                .filter(|r| r.retires_at.is_none_or(|t| t > now))
+                .min_by_key(|r| r.activates_at)
+                .and_then(|r| verifiers.get(&r.kid).cloned())
+                .ok_or(KeyError::NoSigner)?,
+        };
         Ok(Self { signer, verifiers })
     }
 

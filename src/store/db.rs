@@ -20,9 +20,16 @@ use crate::config::Config;
 const MIGRATION_LOCK_KEY: i64 = 0x6c61_7463_686b_6579; // "latchkey"
 
 pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
+    connect_with(config, config.database_max_connections).await
+}
+
+/// A pool of at most `max` connections. One, for work that must stay on one session: an
+/// advisory lock, or SQLite's per-connection `PRAGMA foreign_keys` that `migrate fresh`
+/// turns off.
+pub async fn connect_with(config: &Config, max: u32) -> Result<DatabaseConnection, DbErr> {
     let mut opts = ConnectOptions::new(config.database_url.expose_secret().to_owned());
-    opts.max_connections(config.database_max_connections)
-        .min_connections(config.database_min_connections)
+    opts.max_connections(max)
+        .min_connections(config.database_min_connections.min(max))
         .acquire_timeout(config.database_acquire_timeout)
         .connect_timeout(config.database_acquire_timeout)
         .idle_timeout(config.database_idle_timeout)
@@ -73,11 +80,7 @@ pub async fn migrate_and_prepare(
 
 /// A one-connection pool holding the start-up advisory lock (a lock belongs to a session).
 async fn locked_connection(config: &Config) -> Result<DatabaseConnection, DbErr> {
-    let mut opts = ConnectOptions::new(config.database_url.expose_secret().to_owned());
-    opts.max_connections(1)
-        .min_connections(1)
-        .sqlx_logging(false);
-    let conn = Database::connect(opts).await?;
+    let conn = connect_with(config, 1).await?;
     let lock = Statement::from_sql_and_values(
         DbBackend::Postgres,
         "SELECT pg_advisory_lock($1)",

@@ -231,11 +231,8 @@ async fn with_the_in_process_store_a_restart_ends_sessions_but_keeps_keys() {
 
 #[tokio::test]
 async fn concurrent_starts_on_one_postgres_database_agree_on_schema_and_key() {
-    let first = TestApp::spawn(Backend::Postgres, Store::InProcess).await;
-    let resources = first.resources.clone();
-    first.stop().await;
-    // Wipe nothing: start three more at once on the now-migrated database, and three on a
-    // fresh one, where they race to migrate and to create the first key.
+    // Three instances start at once on an empty database: they race to migrate and to
+    // create the first signing key, and must end up with one schema and one key.
     let fresh = crate::helpers::Resources::new(Backend::Postgres, &Store::InProcess).await;
     let (a, b, c) = tokio::join!(
         TestApp::spawn_on(fresh.clone(), &[]),
@@ -258,6 +255,5 @@ async fn concurrent_starts_on_one_postgres_database_agree_on_schema_and_key() {
         "exactly one key: {}",
         sets[0]
     );
-    assert!(sets.iter().all(|s| *s == sets[0]));
-    drop(resources);
+    assert!(sets.iter().all(|s| *s == sets[0]), "{sets:?}");
 }

@@ -4,8 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bad_input;
+mod cli;
 mod flow;
 mod helpers;
 mod openapi;
 mod outage;
+mod readme;
 mod tokens;
