@@ -47,9 +47,7 @@ pub async fn migrate(config: &Config, action: MigrateAction) -> anyhow::Result<(
     if let MigrateAction::Fresh { yes: false } = action {
         bail!("`migrate fresh` drops every table and all data; run it again with --yes to confirm");
     }
-    let conn = db::connect_with(config, 1)
-        .await
-        .context("connecting to the database (DATABASE_URL)")?;
+    let conn = db::connect_with(config, 1).await.context("connecting to the database (DATABASE_URL)")?;
     match action {
         MigrateAction::Up => {
             db::migrate_and_prepare(config, &conn, chrono::Utc::now()).await?;
@@ -61,11 +59,7 @@ pub async fn migrate(config: &Config, action: MigrateAction) -> anyhow::Result<(
         }
         MigrateAction::Status => {
             for m in Migrator::get_migration_with_status(&conn).await? {
-                println!(
-                    "{:<8} {}",
-                    format!("{:?}", m.status()).to_lowercase(),
-                    m.name()
-                );
+                println!("{:<8} {}", format!("{:?}", m.status()).to_lowercase(), m.name());
             }
         }
         MigrateAction::Fresh { .. } => {

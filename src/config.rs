@@ -21,13 +21,9 @@ impl FromStr for Rate {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (n, period) = s
-            .split_once('/')
-            .ok_or_else(|| format!("expected N/DURATION such as 30/1m, got {s:?}"))?;
-        let capacity: u32 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("{n:?} is not a whole number"))?;
+        let (n, period) =
+            s.split_once('/').ok_or_else(|| format!("expected N/DURATION such as 30/1m, got {s:?}"))?;
+        let capacity: u32 = n.trim().parse().map_err(|_| format!("{n:?} is not a whole number"))?;
         let period = humantime::parse_duration(period.trim()).map_err(|e| e.to_string())?;
         if capacity == 0 || period.is_zero() {
             return Err("capacity and period must be greater than zero".into());
@@ -47,15 +43,11 @@ impl TrustedProxy {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -79,9 +71,7 @@ impl FromStr for TrustedProxy {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
         let addr = canonical(addr);
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
@@ -129,6 +119,7 @@ pub struct Config {
     pub password_hash_queue: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    pub audit_queue_capacity: usize,
     pub log_format: LogFormat,
 }
 
@@ -157,9 +148,7 @@ impl Config {
 
         let config = Config {
             listen_addr: env.parse("LISTEN_ADDR", "127.0.0.1:8080")?,
-            database_url: SecretString::from(
-                env.string("DATABASE_URL", "sqlite://latchkey.db?mode=rwc"),
-            ),
+            database_url: SecretString::from(env.string("DATABASE_URL", "sqlite://latchkey.db?mode=rwc")),
             redis_url: env.optional("REDIS_URL").map(SecretString::from),
             redis_key_prefix: env.string("REDIS_KEY_PREFIX", "latchkey:"),
             jwt_issuer: env.string("JWT_ISSUER", "http://localhost:8080"),
@@ -183,14 +172,12 @@ impl Config {
             password_hash_queue: env.parse("PASSWORD_HASH_QUEUE", "64")?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", "65536")?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
+            audit_queue_capacity: env.parse("AUDIT_QUEUE_CAPACITY", "10000")?,
             log_format: match env.string("LOG_FORMAT", "text").as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
                 other => {
-                    return Err(invalid(
-                        "LOG_FORMAT",
-                        format!("expected text or json, got {other:?}"),
-                    ));
+                    return Err(invalid("LOG_FORMAT", format!("expected text or json, got {other:?}")));
                 }
             },
         };
@@ -200,10 +187,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let db = self.database_url.expose_secret();
-        if !(db.starts_with("postgres://")
-            || db.starts_with("postgresql://")
-            || db.starts_with("sqlite:"))
-        {
+        if !(db.starts_with("postgres://") || db.starts_with("postgresql://") || db.starts_with("sqlite:")) {
             return Err(invalid(
                 "DATABASE_URL",
                 "must start with postgres://, postgresql:// or sqlite:".into(),
@@ -212,20 +196,13 @@ impl Config {
         if let Some(redis) = &self.redis_url {
             let r = redis.expose_secret();
             if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
-                return Err(invalid(
-                    "REDIS_URL",
-                    "must start with redis:// or rediss://".into(),
-                ));
+                return Err(invalid("REDIS_URL", "must start with redis:// or rediss://".into()));
             }
-            redis::Client::open(r)
-                .map_err(|_| invalid("REDIS_URL", "is not a valid Redis URL".into()))?;
+            redis::Client::open(r).map_err(|_| invalid("REDIS_URL", "is not a valid Redis URL".into()))?;
         }
         url::Url::parse(&self.jwt_issuer)
             .map_err(|e| invalid("JWT_ISSUER", format!("must be a URL: {e}")))?;
-        for (name, value) in [
-            ("JWT_AUDIENCE", &self.jwt_audience),
-            ("JWT_CLIENT_ID", &self.jwt_client_id),
-        ] {
+        for (name, value) in [("JWT_AUDIENCE", &self.jwt_audience), ("JWT_CLIENT_ID", &self.jwt_client_id)] {
             if value.trim().is_empty() {
                 return Err(invalid(name, "must not be empty".into()));
             }
@@ -243,24 +220,20 @@ impl Config {
             }
         }
         if self.access_token_ttl > self.refresh_token_ttl {
-            return Err(invalid(
-                "ACCESS_TOKEN_TTL",
-                "must not be longer than REFRESH_TOKEN_TTL".into(),
-            ));
+            return Err(invalid("ACCESS_TOKEN_TTL", "must not be longer than REFRESH_TOKEN_TTL".into()));
         }
-        if self.database_max_connections == 0
-            || self.database_min_connections > self.database_max_connections
+        if self.database_max_connections == 0 || self.database_min_connections > self.database_max_connections
         {
             return Err(invalid(
                 "DATABASE_MAX_CONNECTIONS",
                 "must be at least 1 and at least DATABASE_MIN_CONNECTIONS".into(),
             ));
         }
+        if self.audit_queue_capacity == 0 {
+            return Err(invalid("AUDIT_QUEUE_CAPACITY", "must be at least 1".into()));
+        }
         if self.password_hash_workers == 0 {
-            return Err(invalid(
-                "PASSWORD_HASH_WORKERS",
-                "must be at least 1".into(),
-            ));
+            return Err(invalid("PASSWORD_HASH_WORKERS", "must be at least 1".into()));
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("MAX_BODY_BYTES", "must be at least 1024".into()));
@@ -284,9 +257,7 @@ struct Env<'a> {
 impl Env<'_> {
     /// Unset and empty mean the same: the default.
     fn optional(&self, name: &str) -> Option<String> {
-        (self.lookup)(name)
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
+        (self.lookup)(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
     }
 
     fn string(&self, name: &str, default: &str) -> String {
@@ -298,8 +269,7 @@ impl Env<'_> {
         T::Err: std::fmt::Display,
     {
         let raw = self.string(name, default);
-        raw.parse()
-            .map_err(|e: T::Err| invalid(name, format!("{raw:?}: {e}")))
+        raw.parse().map_err(|e: T::Err| invalid(name, format!("{raw:?}: {e}")))
     }
 
     fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
@@ -324,10 +294,7 @@ mod tests {
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::from_map(&map)
     }
 
@@ -337,13 +304,7 @@ mod tests {
         assert_eq!(c.listen_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.access_token_ttl, Duration::from_secs(900));
         assert_eq!(c.refresh_token_ttl, Duration::from_secs(30 * 86400));
-        assert_eq!(
-            c.rate_limit_login_per_ip,
-            Rate {
-                capacity: 30,
-                period: Duration::from_secs(60)
-            }
-        );
+        assert_eq!(c.rate_limit_login_per_ip, Rate { capacity: 30, period: Duration::from_secs(60) });
         assert!(c.redis_url.is_none());
         assert!(c.uses_sqlite());
     }
@@ -369,16 +330,10 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = config(&[
-            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
-            ("REDIS_URL", "redis://:pw123@r"),
-        ])
-        .expect("config");
+        let c = config(&[("DATABASE_URL", "postgres://u:hunter2@db/x"), ("REDIS_URL", "redis://:pw123@r")])
+            .expect("config");
         let printed = format!("{c:?}");
-        assert!(
-            !printed.contains("hunter2") && !printed.contains("pw123"),
-            "{printed}"
-        );
+        assert!(!printed.contains("hunter2") && !printed.contains("pw123"), "{printed}");
     }
 
     #[test]

@@ -35,14 +35,9 @@ impl Email {
                     && !label.ends_with('-')
                     && label.chars().all(|c| c.is_alphanumeric() || c == '-')
             });
-        let chars_ok = !email
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || "<>()[]\\,;:\"".contains(c));
-        if local_ok && domain_ok && chars_ok {
-            Ok(Self(email))
-        } else {
-            Err(invalid())
-        }
+        let chars_ok =
+            !email.chars().any(|c| c.is_whitespace() || c.is_control() || "<>()[]\\,;:\"".contains(c));
+        if local_ok && domain_ok && chars_ok { Ok(Self(email)) } else { Err(invalid()) }
     }
 
     pub fn as_str(&self) -> &str {
@@ -73,9 +68,7 @@ impl Password {
     pub fn new(raw: String) -> Result<Self, ApiError> {
         let chars = raw.chars().count();
         if chars < Self::MIN_CHARS {
-            return Err(ApiError::validation(
-                "password: must be at least 8 characters",
-            ));
+            return Err(ApiError::validation("password: must be at least 8 characters"));
         }
         Self::candidate(raw)
     }
@@ -84,9 +77,7 @@ impl Password {
     /// password is simply wrong, answered like any wrong password.
     pub fn candidate(raw: String) -> Result<Self, ApiError> {
         if raw.chars().count() > Self::MAX_CHARS {
-            return Err(ApiError::validation(
-                "password: must be at most 1024 characters",
-            ));
+            return Err(ApiError::validation("password: must be at most 1024 characters"));
         }
         Ok(Self(SecretString::from(raw)))
     }
@@ -138,10 +129,7 @@ mod tests {
     #[test]
     fn password_length_counts_characters() {
         assert!(Password::new("short".into()).is_err());
-        assert!(
-            Password::new("ééééééé".into()).is_err(),
-            "7 chars, 14 bytes"
-        );
+        assert!(Password::new("ééééééé".into()).is_err(), "7 chars, 14 bytes");
         assert!(Password::new("éééééééé".into()).is_ok());
         assert!(Password::new("x".repeat(1024)).is_ok());
         assert!(Password::new("x".repeat(1025)).is_err());

@@ -124,11 +124,7 @@ impl ApiError {
             ErrorCode::ServiceUnavailable => Some(1),
             _ => None,
         };
-        Self {
-            code,
-            detail: detail.into(),
-            retry_after,
-        }
+        Self { code, detail: detail.into(), retry_after }
     }
 
     pub fn validation(detail: impl Into<Cow<'static, str>>) -> Self {
@@ -177,9 +173,7 @@ impl ApiError {
             _ => "invalid_token",
         };
         let description = self.code.title().replace('"', "'");
-        Some(format!(
-            r#"Bearer realm="latchkey", error="{error}", error_description="{description}""#
-        ))
+        Some(format!(r#"Bearer realm="latchkey", error="{error}", error_description="{description}""#))
     }
 }
 
@@ -197,15 +191,11 @@ impl poem::error::ResponseError for ApiError {
             .content_type(PROBLEM_JSON)
             .header(header::CACHE_CONTROL, "no-store")
             .body(body);
-        if let Some(value) = self
-            .www_authenticate()
-            .and_then(|v| HeaderValue::from_str(&v).ok())
-        {
+        if let Some(value) = self.www_authenticate().and_then(|v| HeaderValue::from_str(&v).ok()) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, value);
         }
         if let Some(seconds) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         resp
     }
@@ -227,17 +217,13 @@ impl ApiResponse for ApiError {
             deprecated: false,
             schema: String::schema_ref(),
         };
-        let response =
-            |status: u16, description: &'static str, headers: Vec<MetaHeader>| MetaResponse {
-                description,
-                status: Some(status),
-                status_range: None,
-                content: vec![MetaMediaType {
-                    content_type: PROBLEM_JSON,
-                    schema: Problem::schema_ref(),
-                }],
-                headers,
-            };
+        let response = |status: u16, description: &'static str, headers: Vec<MetaHeader>| MetaResponse {
+            description,
+            status: Some(status),
+            status_range: None,
+            content: vec![MetaMediaType { content_type: PROBLEM_JSON, schema: Problem::schema_ref() }],
+            headers,
+        };
         MetaResponses {
             responses: vec![
                 response(
@@ -254,11 +240,7 @@ impl ApiResponse for ApiError {
                 response(404, "`not_found`.", vec![]),
                 response(409, "`email_taken`.", vec![]),
                 response(413, "`payload_too_large`.", vec![]),
-                response(
-                    429,
-                    "`rate_limited`.",
-                    vec![with_header("Retry-After", "seconds to wait")],
-                ),
+                response(429, "`rate_limited`.", vec![with_header("Retry-After", "seconds to wait")]),
                 response(
                     503,
                     "`service_unavailable`: a dependency is down or the password hashing queue is full.",
@@ -282,17 +264,14 @@ pub fn into_problem(err: poem::Error) -> Response {
     let api = match status {
         StatusCode::UNAUTHORIZED => ApiError::invalid_token(MISSING_TOKEN),
         StatusCode::NOT_FOUND => ApiError::new(ErrorCode::NotFound, "No such route."),
-        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
-            ErrorCode::MethodNotAllowed,
-            "This route does not accept that method.",
-        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ApiError::new(ErrorCode::MethodNotAllowed, "This route does not accept that method.")
+        }
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::new(ErrorCode::PayloadTooLarge, "The request body is too large.")
         }
         s if s.is_client_error() => ApiError::validation(client_error_detail(&err)),
-        StatusCode::SERVICE_UNAVAILABLE => {
-            ApiError::unavailable("Service temporarily unavailable.")
-        }
+        StatusCode::SERVICE_UNAVAILABLE => ApiError::unavailable("Service temporarily unavailable."),
         _ => ApiError::internal(&err),
     };
     api.as_response_ref()
@@ -302,9 +281,7 @@ pub fn into_problem(err: poem::Error) -> Response {
 /// server state, so they are safe and useful to return.
 fn client_error_detail(err: &poem::Error) -> String {
     let text = err.to_string();
-    let text = text
-        .strip_prefix("parse request payload error: ")
-        .unwrap_or(&text);
+    let text = text.strip_prefix("parse request payload error: ").unwrap_or(&text);
     let mut text = text.to_owned();
     if text.len() > 300 {
         let mut cut = 300;

@@ -5,6 +5,7 @@
 //! module that touches jsonwebtoken; `password` the only one that runs argon2.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

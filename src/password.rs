@@ -28,15 +28,8 @@ pub enum HashError {
 }
 
 enum Job {
-    Hash {
-        password: Password,
-        reply: oneshot::Sender<Result<String, HashError>>,
-    },
-    Verify {
-        password: Password,
-        hash: Arc<str>,
-        reply: oneshot::Sender<bool>,
-    },
+    Hash { password: Password, reply: oneshot::Sender<Result<String, HashError>> },
+    Verify { password: Password, hash: Arc<str>, reply: oneshot::Sender<bool> },
 }
 
 #[derive(Clone)]
@@ -88,8 +81,7 @@ impl PasswordHasher {
     pub async fn hash(&self, password: Password) -> Result<String, HashError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Hash { password, reply })?;
-        rx.await
-            .map_err(|_| HashError::Failed("hashing worker stopped".into()))?
+        rx.await.map_err(|_| HashError::Failed("hashing worker stopped".into()))?
     }
 
     /// Verifies against `hash`, or against the dummy hash when there is no account, so the
@@ -100,14 +92,8 @@ impl PasswordHasher {
             None => (Arc::clone(&self.dummy_hash), false),
         };
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Verify {
-            password,
-            hash: target,
-            reply,
-        })?;
-        let ok = rx
-            .await
-            .map_err(|_| HashError::Failed("hashing worker stopped".into()))?;
+        self.submit(Job::Verify { password, hash: target, reply })?;
+        let ok = rx.await.map_err(|_| HashError::Failed("hashing worker stopped".into()))?;
         Ok(ok && real)
     }
 
@@ -130,14 +116,8 @@ fn worker(rx: &Mutex<Receiver<Job>>, argon: &Argon2<'_>) {
             Ok(Job::Hash { password, reply }) => {
                 let _ = reply.send(hash_now(argon, password.expose()));
             }
-            Ok(Job::Verify {
-                password,
-                hash,
-                reply,
-            }) => {
-                let ok = argon
-                    .verify_password(password.expose().as_bytes(), &*hash)
-                    .is_ok();
+            Ok(Job::Verify { password, hash, reply }) => {
+                let ok = argon.verify_password(password.expose().as_bytes(), &*hash).is_ok();
                 let _ = reply.send(ok);
             }
             Err(_) => return, // every sender dropped: the server is shutting down
@@ -147,12 +127,10 @@ fn worker(rx: &Mutex<Receiver<Job>>, argon: &Argon2<'_>) {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]
@@ -166,32 +144,11 @@ mod tests {
     #[tokio::test]
     async fn hashes_with_owasp_parameters_and_verifies() {
         let hasher = PasswordHasher::start(1, 4).expect("pool");
-        let hash = hasher
-            .hash(pw("correct horse battery"))
-            .await
-            .expect("hash");
-        assert!(
-            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
-            "{hash}"
-        );
-        assert!(
-            hasher
-                .verify(pw("correct horse battery"), Some(&hash))
-                .await
-                .expect("verify")
-        );
-        assert!(
-            !hasher
-                .verify(pw("wrong horse battery"), Some(&hash))
-                .await
-                .expect("verify")
-        );
-        assert!(
-            !hasher
-                .verify(pw("anything at all"), None)
-                .await
-                .expect("dummy")
-        );
+        let hash = hasher.hash(pw("correct horse battery")).await.expect("hash");
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(hasher.verify(pw("correct horse battery"), Some(&hash)).await.expect("verify"));
+        assert!(!hasher.verify(pw("wrong horse battery"), Some(&hash)).await.expect("verify"));
+        assert!(!hasher.verify(pw("anything at all"), None).await.expect("dummy"));
     }
 
     #[tokio::test]

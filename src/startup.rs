@@ -14,10 +14,12 @@ use poem::{Endpoint, EndpointExt as _, IntoResponse as _, Request, Response, Rou
 use secrecy::ExposeSecret as _;
 
 use crate::api;
+use crate::audit::{AuditWorker, Auditor};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCode, into_problem};
 use crate::password::PasswordHasher;
+use crate::service::sessions;
 use crate::state::AppState;
 use crate::store::db;
 use crate::store::revocation::{MemoryStore, RedisStore, RevocationStore};
@@ -27,6 +29,7 @@ pub struct Application {
     acceptor: TcpAcceptor,
     port: u16,
     state: Arc<AppState>,
+    audit_worker: AuditWorker,
 }
 
 impl Application {
@@ -34,15 +37,11 @@ impl Application {
     /// prepares the revocation store (Redis may be down: it connects on first use) and
     /// binds the listener.
     pub async fn build(config: Config, clock: Clock) -> anyhow::Result<Self> {
-        let db = db::connect(&config)
-            .await
-            .context("connecting to the database (DATABASE_URL)")?;
+        let db = db::connect(&config).await.context("connecting to the database (DATABASE_URL)")?;
         db::migrate_and_prepare(&config, &db, clock.now())
             .await
             .context("applying migrations and preparing signing keys")?;
-        let keys = KeyRing::load(&db, clock.now())
-            .await
-            .context("loading signing keys")?;
+        let keys = KeyRing::load(&db, clock.now()).await.context("loading signing keys")?;
 
         let store: Arc<dyn RevocationStore> = match &config.redis_url {
             Some(url) => {
@@ -64,8 +63,7 @@ impl Application {
                 memory
             }
         };
-        let hasher =
-            PasswordHasher::start(config.password_hash_workers, config.password_hash_queue)?;
+        let hasher = PasswordHasher::start(config.password_hash_workers, config.password_hash_queue)?;
 
         let acceptor = TcpListener::bind(config.listen_addr)
             .into_acceptor()
@@ -77,19 +75,10 @@ impl Application {
             .and_then(|a| a.as_socket_addr().map(|s| s.port()))
             .context("reading the bound port")?;
 
-        let state = Arc::new(AppState {
-            config,
-            db,
-            store,
-            keys,
-            hasher,
-            clock,
-        });
-        Ok(Self {
-            acceptor,
-            port,
-            state,
-        })
+        let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity);
+        let state = Arc::new(AppState { config, db, store, keys, hasher, clock, audit });
+        sessions::spawn_pruner(Arc::downgrade(&state));
+        Ok(Self { acceptor, port, state, audit_worker })
     }
 
     pub fn port(&self) -> u16 {
@@ -101,7 +90,7 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish (bounded by
-    /// `SHUTDOWN_TIMEOUT`) and closes the SQL pool.
+    /// `SHUTDOWN_TIMEOUT`), drains the audit queue into SQL and closes the SQL pool.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -112,6 +101,7 @@ impl Application {
         Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(app, shutdown, Some(timeout))
             .await?;
+        self.audit_worker.shutdown().await;
         let db = self.state.db.clone();
         db.close().await.context("closing the database pool")?;
         tracing::info!("stopped");
@@ -155,17 +145,9 @@ pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
 }
 
 /// Refuses bodies over `max` with 413, whether announced by `Content-Length` or streamed.
-async fn limit_body<E: Endpoint>(
-    ep: Arc<E>,
-    mut req: Request,
-    max: usize,
-) -> poem::Result<Response> {
-    let too_large = || {
-        poem::Error::from(ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            "The request body is too large.",
-        ))
-    };
+async fn limit_body<E: Endpoint>(ep: Arc<E>, mut req: Request, max: usize) -> poem::Result<Response> {
+    let too_large =
+        || poem::Error::from(ApiError::new(ErrorCode::PayloadTooLarge, "The request body is too large."));
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -175,11 +157,7 @@ async fn limit_body<E: Endpoint>(
         Some(len) if len > max as u64 => return Err(too_large()),
         Some(_) => {}
         None if req.headers().contains_key(header::TRANSFER_ENCODING) => {
-            let body = req
-                .take_body()
-                .into_bytes_limit(max)
-                .await
-                .map_err(|_| too_large())?;
+            let body = req.take_body().into_bytes_limit(max).await.map_err(|_| too_large())?;
             req.set_body(body);
         }
         None => {}
@@ -195,9 +173,7 @@ async fn request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Respo
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
 
+use crate::audit::Auditor;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::password::PasswordHasher;
@@ -17,4 +18,5 @@ pub struct AppState {
     pub keys: KeyRing,
     pub hasher: PasswordHasher,
     pub clock: Clock,
+    pub audit: Auditor,
 }

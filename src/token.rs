@@ -81,9 +81,8 @@ pub enum KeyError {
 }
 
 /// PKCS#8 v1 prefix of an Ed25519 private key; the 32-byte seed follows (STACK trap 2).
-const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] =
+    [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
 
 /// RFC 7638 thumbprint of an Ed25519 public key: SHA-256 over the required members in
 /// lexicographic order, base64url. (jsonwebtoken's `thumbprint()` refuses OKP keys.)
@@ -93,39 +92,26 @@ pub fn ed25519_thumbprint(x: &str) -> String {
 }
 
 fn key_from_row(row: &signing_key::Model) -> Result<Key, KeyError> {
-    let invalid = |reason: String| KeyError::Invalid {
-        kid: row.kid.clone(),
-        reason,
-    };
+    let invalid = |reason: String| KeyError::Invalid { kid: row.kid.clone(), reason };
     if row.private_key_encryption.is_some() {
-        return Err(invalid(
-            "the private key is encrypted and no key-encryption key is configured".into(),
-        ));
+        return Err(invalid("the private key is encrypted and no key-encryption key is configured".into()));
     }
     match row.algorithm.as_str() {
         "EdDSA" => {
             let encoding = EncodingKey::from_ed_der(&row.private_key);
-            let public: Jwk =
-                serde_json::from_str(&row.public_jwk).map_err(|e| invalid(e.to_string()))?;
+            let public: Jwk = serde_json::from_str(&row.public_jwk).map_err(|e| invalid(e.to_string()))?;
             let AlgorithmParameters::OctetKeyPair(okp) = &public.algorithm else {
                 return Err(invalid("public key is not an OKP key".into()));
             };
             // The stored public key must be the private key's own.
-            let derived = Jwk::from_encoding_key(&encoding, Algorithm::EdDSA)
-                .map_err(|e| invalid(e.to_string()))?;
+            let derived =
+                Jwk::from_encoding_key(&encoding, Algorithm::EdDSA).map_err(|e| invalid(e.to_string()))?;
             match &derived.algorithm {
                 AlgorithmParameters::OctetKeyPair(d) if d.x == okp.x => {}
                 _ => return Err(invalid("public key does not match the private key".into())),
             }
-            let decoding =
-                DecodingKey::from_ed_components(&okp.x).map_err(|e| invalid(e.to_string()))?;
-            Ok(Key {
-                kid: row.kid.clone(),
-                alg: Algorithm::EdDSA,
-                encoding,
-                decoding,
-                public,
-            })
+            let decoding = DecodingKey::from_ed_components(&okp.x).map_err(|e| invalid(e.to_string()))?;
+            Ok(Key { kid: row.kid.clone(), alg: Algorithm::EdDSA, encoding, decoding, public })
         }
         other => Err(invalid(format!("unsupported algorithm {other}"))),
     }
@@ -139,24 +125,16 @@ pub fn generate_ed25519(now: DateTime<Utc>) -> Result<signing_key::Model, KeyErr
     der.extend_from_slice(&ED25519_PKCS8_V1_PREFIX);
     der.extend_from_slice(&seed);
     let encoding = EncodingKey::from_ed_der(&der);
-    let mut jwk =
-        Jwk::from_encoding_key(&encoding, Algorithm::EdDSA).map_err(|e| KeyError::Invalid {
-            kid: "(new)".into(),
-            reason: e.to_string(),
-        })?;
+    let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::EdDSA)
+        .map_err(|e| KeyError::Invalid { kid: "(new)".into(), reason: e.to_string() })?;
     let AlgorithmParameters::OctetKeyPair(okp) = &jwk.algorithm else {
-        return Err(KeyError::Invalid {
-            kid: "(new)".into(),
-            reason: "not an OKP key".into(),
-        });
+        return Err(KeyError::Invalid { kid: "(new)".into(), reason: "not an OKP key".into() });
     };
     let kid = ed25519_thumbprint(&okp.x);
     jwk.common.key_id = Some(kid.clone());
     jwk.common.public_key_use = Some(PublicKeyUse::Signature);
-    let public_jwk = serde_json::to_string(&jwk).map_err(|e| KeyError::Invalid {
-        kid: kid.clone(),
-        reason: e.to_string(),
-    })?;
+    let public_jwk = serde_json::to_string(&jwk)
+        .map_err(|e| KeyError::Invalid { kid: kid.clone(), reason: e.to_string() })?;
     Ok(signing_key::Model {
         kid,
         algorithm: "EdDSA".into(),
@@ -170,10 +148,7 @@ pub fn generate_ed25519(now: DateTime<Utc>) -> Result<signing_key::Model, KeyErr
 }
 
 /// Makes sure a signing key exists; run once at start, under the start-up lock.
-pub async fn ensure_signing_key(
-    db: &impl ConnectionTrait,
-    now: DateTime<Utc>,
-) -> Result<(), KeyError> {
+pub async fn ensure_signing_key(db: &impl ConnectionTrait, now: DateTime<Utc>) -> Result<(), KeyError> {
     let keys = signing_key::Entity::find().all(db).await?;
     // Any key not yet retired counts, even one that activates a moment from now (the
     // instance that made it may have a clock slightly ahead of ours): generating a second
@@ -250,13 +225,10 @@ impl KeyRing {
             .and_then(|kid| self.verifiers.get(kid))
             .ok_or_else(|| ApiError::invalid_token("The token was not signed by a known key."))?;
         if header.alg != key.alg {
-            return Err(ApiError::invalid_token(
-                "The token's algorithm does not match its key.",
-            ));
+            return Err(ApiError::invalid_token("The token's algorithm does not match its key."));
         }
         if !header.typ.as_deref().is_some_and(|t| {
-            t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE)
-                || t.eq_ignore_ascii_case("application/at+jwt")
+            t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt")
         }) {
             return Err(ApiError::invalid_token("The token is not an access token."));
         }
@@ -268,16 +240,11 @@ impl KeyRing {
         validation.validate_exp = false;
         validation.leeway = 0;
         let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
-            .map_err(|_| {
-                ApiError::invalid_token("The token's signature or claims are not valid.")
-            })?;
+            .map_err(|_| ApiError::invalid_token("The token's signature or claims are not valid."))?;
         let claims = data.claims;
         let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(0);
         if now.timestamp() > claims.exp.saturating_add(leeway) {
-            return Err(ApiError::new(
-                ErrorCode::TokenExpired,
-                "The access token has expired; refresh it.",
-            ));
+            return Err(ApiError::new(ErrorCode::TokenExpired, "The access token has expired; refresh it."));
         }
         Ok(claims)
     }
@@ -303,10 +270,7 @@ mod tests {
         let now = Utc::now();
         let model = generate_ed25519(now).expect("key");
         let key = Arc::new(key_from_row(&model).expect("load"));
-        KeyRing {
-            signer: Arc::clone(&key),
-            verifiers: HashMap::from([(model.kid, key)]),
-        }
+        KeyRing { signer: Arc::clone(&key), verifiers: HashMap::from([(model.kid, key)]) }
     }
 
     fn claims(now: DateTime<Utc>) -> AccessClaims {
@@ -333,11 +297,7 @@ mod tests {
         assert_eq!(header.typ.as_deref(), Some("at+jwt"));
         assert_eq!(header.alg, Algorithm::EdDSA);
         assert_eq!(header.kid.as_deref(), Some(ring.signer.kid.as_str()));
-        assert_eq!(
-            ring.verify(&token, "http://issuer", "aud", now)
-                .expect("verify"),
-            c
-        );
+        assert_eq!(ring.verify(&token, "http://issuer", "aud", now).expect("verify"), c);
     }
 
     #[test]
@@ -346,29 +306,20 @@ mod tests {
         let now = Utc::now();
         let token = ring.sign(&claims(now)).expect("sign");
         assert_eq!(
-            ring.verify(&token, "http://other", "aud", now)
-                .unwrap_err()
-                .code,
+            ring.verify(&token, "http://other", "aud", now).unwrap_err().code,
             ErrorCode::InvalidToken
         );
         assert_eq!(
-            ring.verify(&token, "http://issuer", "other", now)
-                .unwrap_err()
-                .code,
+            ring.verify(&token, "http://issuer", "other", now).unwrap_err().code,
             ErrorCode::InvalidToken
         );
         let later = now + chrono::Duration::seconds(900 + 6);
         assert_eq!(
-            ring.verify(&token, "http://issuer", "aud", later)
-                .unwrap_err()
-                .code,
+            ring.verify(&token, "http://issuer", "aud", later).unwrap_err().code,
             ErrorCode::TokenExpired
         );
         let within_leeway = now + chrono::Duration::seconds(900 + 4);
-        assert!(
-            ring.verify(&token, "http://issuer", "aud", within_leeway)
-                .is_ok()
-        );
+        assert!(ring.verify(&token, "http://issuer", "aud", within_leeway).is_ok());
     }
 
     #[test]
@@ -388,5 +339,61 @@ mod tests {
         let h = refresh_token_hash(&t);
         assert_eq!(h.len(), 64);
         assert!(!h.contains(&t));
+    }
+}
+
+/// The successor of a rotated refresh token, sealed under a key only the parent's holder
+/// can derive, so SQL can hand "the same successor" back during the grace window without
+/// ever storing a usable token. The parent is 256 random bits, so one SHA-256 with a
+/// domain label is a sound key derivation; the key is unique per parent, so a random
+/// 96-bit nonce never repeats under it.
+pub fn seal_successor(parent: &str, successor: &str) -> Result<Vec<u8>, ApiError> {
+    use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(&successor_key(parent).into());
+    let mut nonce = [0u8; 12];
+    getrandom::fill(&mut nonce).map_err(ApiError::internal)?;
+    let sealed = cipher
+        .encrypt(&nonce.into(), Payload { msg: successor.as_bytes(), aad: SEAL_AAD })
+        .map_err(|_| ApiError::internal("sealing the successor failed"))?;
+    Ok([nonce.as_slice(), &sealed].concat())
+}
+
+/// `None` unless `parent` is the token the successor was sealed under.
+pub fn open_successor(parent: &str, sealed: &[u8]) -> Option<String> {
+    use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+    let (nonce, ciphertext) = sealed.split_at_checked(12)?;
+    let nonce: [u8; 12] = nonce.try_into().ok()?;
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(&successor_key(parent).into());
+    let plain = cipher.decrypt(&nonce.into(), Payload { msg: ciphertext, aad: SEAL_AAD }).ok()?;
+    String::from_utf8(plain).ok()
+}
+
+const SEAL_AAD: &[u8] = b"latchkey refresh successor v1";
+
+fn successor_key(parent: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"latchkey:successor-seal:v1:");
+    h.update(parent.as_bytes());
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod seal_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_parent_opens_its_successor() {
+        let parent = new_refresh_token().expect("token");
+        let child = new_refresh_token().expect("token");
+        let sealed = seal_successor(&parent, &child).expect("seal");
+        assert!(!sealed.windows(child.len()).any(|w| w == child.as_bytes()), "not in clear");
+        assert_eq!(open_successor(&parent, &sealed).as_deref(), Some(child.as_str()));
+        assert_eq!(open_successor(&child, &sealed), None);
+        let mut tampered = sealed.clone();
+        if let Some(b) = tampered.last_mut() {
+            *b ^= 1;
+        }
+        assert_eq!(open_successor(&parent, &tampered), None);
+        assert_eq!(open_successor(&parent, &sealed[..5]), None);
     }
 }

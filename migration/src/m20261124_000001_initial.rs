@@ -44,11 +44,7 @@ impl MigrationTrait for Migration {
                     .col(uuid(UserRoles::UserId))
                     .col(uuid(UserRoles::RoleId))
                     .col(timestamp_with_time_zone(UserRoles::CreatedAt))
-                    .primary_key(
-                        Index::create()
-                            .col(UserRoles::UserId)
-                            .col(UserRoles::RoleId),
-                    )
+                    .primary_key(Index::create().col(UserRoles::UserId).col(UserRoles::RoleId))
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_user_roles_user")
@@ -226,9 +222,7 @@ impl MigrationTrait for Migration {
             Roles::Table.into_iden(),
             Users::Table.into_iden(),
         ] {
-            manager
-                .drop_table(Table::drop().table(table).if_exists().to_owned())
-                .await?;
+            manager.drop_table(Table::drop().table(table).if_exists().to_owned()).await?;
         }
         Ok(())
     }

@@ -64,9 +64,7 @@ mod secret_field_impls {
             Some(&self.0)
         }
 
-        fn raw_element_iter<'a>(
-            &'a self,
-        ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
             Box::new(std::iter::once(&self.0))
         }
     }
@@ -140,11 +138,7 @@ pub enum RegisterResponse {
 pub enum TokenResponse {
     /// Tokens issued.
     #[oai(status = 200)]
-    Ok(
-        Json<TokenResponseBody>,
-        #[oai(header = "Cache-Control")] String,
-        #[oai(header = "Pragma")] String,
-    ),
+    Ok(Json<TokenResponseBody>, #[oai(header = "Cache-Control")] String, #[oai(header = "Pragma")] String),
 }
 
 impl From<Tokens> for TokenResponse {
@@ -183,11 +177,13 @@ impl AuthApi {
     async fn register(
         &self,
         state: Data<&Arc<AppState>>,
+        req: &Request,
         body: Json<Credentials>,
     ) -> Result<RegisterResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
         let password = Password::new(body.0.password.0)?;
-        let user = auth::register(&state, email, password).await?;
+        let client = client_info(req, &state.config.trusted_proxies);
+        let user = auth::register(&state, email, password, &client).await?;
         Ok(RegisterResponse::Created(Json(RegisteredUser {
             id: user.id,
             email: user.email,
@@ -225,9 +221,7 @@ impl AuthApi {
         body: Json<RefreshRequest>,
     ) -> Result<TokenResponse, ApiError> {
         let client = client_info(req, &state.config.trusted_proxies);
-        Ok(auth::refresh(&state, &body.0.refresh_token.0, &client)
-            .await?
-            .into())
+        Ok(auth::refresh(&state, &body.0.refresh_token.0, &client).await?.into())
     }
 
     /// End this session
@@ -238,9 +232,27 @@ impl AuthApi {
     async fn logout(
         &self,
         state: Data<&Arc<AppState>>,
+        req: &Request,
         auth: BearerAuth,
     ) -> Result<NoContent, ApiError> {
-        auth::logout(&state, auth.0.claims.sid).await?;
+        let client = client_info(req, &state.config.trusted_proxies);
+        auth::logout(&state, auth.0.claims.sub, auth.0.claims.sid, &client).await?;
+        Ok(NoContent::Done)
+    }
+
+    /// End every session of this user
+    ///
+    /// Every access token of every session of the user is refused from the next request
+    /// on, on every instance; every refresh token stops working.
+    #[oai(path = "/logout-all", method = "post", operation_id = "logoutAll")]
+    async fn logout_all(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        auth: BearerAuth,
+    ) -> Result<NoContent, ApiError> {
+        let client = client_info(req, &state.config.trusted_proxies);
+        auth::logout_all(&state, auth.0.claims.sub, &client).await?;
         Ok(NoContent::Done)
     }
 

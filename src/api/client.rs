@@ -17,10 +17,7 @@ pub fn client_info(req: &Request, trusted: &[TrustedProxy]) -> ClientInfo {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .filter(|s| !s.is_empty());
-    ClientInfo {
-        ip: client_ip(req, trusted),
-        user_agent,
-    }
+    ClientInfo { ip: client_ip(req, trusted), user_agent }
 }
 
 pub fn client_ip(req: &Request, trusted: &[TrustedProxy]) -> Option<IpAddr> {
@@ -36,11 +33,7 @@ pub fn client_ip_from(peer: IpAddr, headers: &HeaderMap, trusted: &[TrustedProxy
         return peer;
     }
     // Walk from the nearest hop outwards; the first address we do not trust is the client.
-    forwarded_chain(headers)
-        .into_iter()
-        .rev()
-        .find(|ip| !is_trusted(*ip))
-        .unwrap_or(peer)
+    forwarded_chain(headers).into_iter().rev().find(|ip| !is_trusted(*ip)).unwrap_or(peer)
 }
 
 /// Addresses in the order the proxies appended them (client first).
@@ -63,8 +56,7 @@ fn forwarded_chain(headers: &HeaderMap) -> Vec<IpAddr> {
         .filter_map(|element| {
             element.split(';').find_map(|pair| {
                 let (k, v) = pair.trim().split_once('=')?;
-                k.eq_ignore_ascii_case("for")
-                    .then(|| parse_ip(v.trim().trim_matches('"')))?
+                k.eq_ignore_ascii_case("for").then(|| parse_ip(v.trim().trim_matches('"')))?
             })
         })
         .collect()

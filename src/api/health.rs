@@ -52,9 +52,7 @@ impl HealthApi {
     /// Liveness
     #[oai(path = "/health", method = "get", operation_id = "health")]
     async fn health(&self) -> Json<Health> {
-        Json(Health {
-            status: "ok".into(),
-        })
+        Json(Health { status: "ok".into() })
     }
 
     /// Readiness: SQL and the revocation store both answer
@@ -75,22 +73,12 @@ impl HealthApi {
         }
         let ok = database.is_ok() && redis.is_ok();
         let word = |r: &Result<(), String>| if r.is_ok() { "ok" } else { "unavailable" }.to_owned();
-        let redis_word = if state.store.kind() == "in-process" {
-            "in-process".to_owned()
-        } else {
-            word(&redis)
-        };
+        let redis_word =
+            if state.store.kind() == "in-process" { "in-process".to_owned() } else { word(&redis) };
         let body = Readiness {
             status: if ok { "ok" } else { "unavailable" }.into(),
-            checks: Checks {
-                database: word(&database),
-                redis: redis_word,
-            },
+            checks: Checks { database: word(&database), redis: redis_word },
         };
-        if ok {
-            ReadyResponse::Ready(Json(body))
-        } else {
-            ReadyResponse::NotReady(Json(body), 1)
-        }
+        if ok { ReadyResponse::Ready(Json(body)) } else { ReadyResponse::NotReady(Json(body), 1) }
     }
 }

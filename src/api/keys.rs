@@ -68,9 +68,6 @@ impl KeysApi {
             .map(|k| serde_json::to_value(k).and_then(serde_json::from_value::<JsonWebKey>))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::internal)?;
-        Ok(JwksResponse::Ok(
-            Json(JsonWebKeySet { keys }),
-            format!("public, max-age={JWKS_MAX_AGE_SECS}"),
-        ))
+        Ok(JwksResponse::Ok(Json(JsonWebKeySet { keys }), format!("public, max-age={JWKS_MAX_AGE_SECS}")))
     }
 }

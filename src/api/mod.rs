@@ -1,6 +1,7 @@
 //! The HTTP API: one poem-openapi struct per tag, combined as a tuple, documented by the
 //! spec poem-openapi generates (served at `/openapi.json`, Swagger UI at `/docs`).
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod health;
@@ -20,25 +21,17 @@ pub enum ApiTags {
     Keys,
     /// Liveness and readiness.
     Health,
+    /// For users with the admin role.
+    Admin,
 }
 
-pub type Apis = (
-    auth::AuthApi,
-    users::UsersApi,
-    keys::KeysApi,
-    health::HealthApi,
-);
+pub type Apis = (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, health::HealthApi);
 
 /// The API with its OpenAPI document. Needs no state: handlers read it from request data,
 /// so `latchkey openapi` can print the spec without a database.
 pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (
-            auth::AuthApi,
-            users::UsersApi,
-            keys::KeysApi,
-            health::HealthApi,
-        ),
+        (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, health::HealthApi),
         "Latchkey",
         env!("CARGO_PKG_VERSION"),
     )

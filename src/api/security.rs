@@ -26,8 +26,7 @@ pub struct Authenticated {
 pub struct BearerAuth(pub Authenticated);
 
 pub fn state(req: &Request) -> Result<&Arc<AppState>, ApiError> {
-    req.data::<Arc<AppState>>()
-        .ok_or_else(|| ApiError::internal("application state is missing"))
+    req.data::<Arc<AppState>>().ok_or_else(|| ApiError::internal("application state is missing"))
 }
 
 async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Authenticated> {
@@ -36,22 +35,10 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Authenticat
 
 pub async fn authenticate(state: &AppState, token: &str) -> Result<Authenticated, ApiError> {
     let now = state.clock.now();
-    let claims = state.keys.verify(
-        token,
-        &state.config.jwt_issuer,
-        &state.config.jwt_audience,
-        now,
-    )?;
-    let session = state
-        .store
-        .session(claims.sid)
-        .await?
-        .filter(|s| s.user_id == claims.sub)
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::TokenRevoked,
-                "The session has ended; refresh or log in again.",
-            )
+    let claims = state.keys.verify(token, &state.config.jwt_issuer, &state.config.jwt_audience, now)?;
+    let session =
+        state.store.session(claims.sid).await?.filter(|s| s.user_id == claims.sub).ok_or_else(|| {
+            ApiError::new(ErrorCode::TokenRevoked, "The session has ended; refresh or log in again.")
         })?;
     Ok(Authenticated { claims, session })
 }

@@ -1,18 +1,21 @@
-//! `/v1/users/me`: the signed-in user's profile.
+//! `/v1/users/me…`: the signed-in user's profile and sessions.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use poem::web::Data;
+use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi};
 use uuid::Uuid;
 
 use super::ApiTags;
+use super::auth::NoContent;
 use super::security::BearerAuth;
 use crate::error::ApiError;
-use crate::service::auth;
+use crate::service::{auth, sessions};
 use crate::state::AppState;
+use crate::store::entity::session;
 
 #[derive(Object)]
 pub struct Profile {
@@ -24,17 +27,56 @@ pub struct Profile {
     pub last_login_at: Option<DateTime<Utc>>,
 }
 
+/// One live session (a signed-in device).
+#[derive(Object)]
+pub struct SessionSummary {
+    pub id: Uuid,
+    /// The user agent sent at login.
+    pub user_agent: Option<String>,
+    /// A readable label derived from the user agent, e.g. "Firefox 132 on Linux".
+    pub device: String,
+    /// The client address of the last login or refresh.
+    pub ip_address: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// The last login or refresh.
+    pub last_used_at: DateTime<Utc>,
+    /// The session's absolute end.
+    pub expires_at: DateTime<Utc>,
+    /// True for the session of the token making this request.
+    pub current: bool,
+}
+
+#[derive(Object)]
+pub struct SessionList {
+    pub sessions: Vec<SessionSummary>,
+}
+
+impl SessionList {
+    pub fn from_rows(rows: Vec<session::Model>, current: Option<Uuid>) -> Self {
+        let sessions = rows
+            .into_iter()
+            .map(|s| SessionSummary {
+                device: sessions::device_label(s.user_agent.as_deref()),
+                current: Some(s.id) == current,
+                id: s.id,
+                ip_address: s.last_used_ip.or(s.ip_address),
+                user_agent: s.user_agent,
+                created_at: s.created_at,
+                last_used_at: s.last_used_at,
+                expires_at: s.expires_at,
+            })
+            .collect();
+        Self { sessions }
+    }
+}
+
 pub struct UsersApi;
 
 #[OpenApi(prefix_path = "/v1/users", tag = "ApiTags::Users")]
 impl UsersApi {
     /// The signed-in user's profile
     #[oai(path = "/me", method = "get", operation_id = "me")]
-    async fn me(
-        &self,
-        state: Data<&Arc<AppState>>,
-        auth: BearerAuth,
-    ) -> Result<Json<Profile>, ApiError> {
+    async fn me(&self, state: Data<&Arc<AppState>>, auth: BearerAuth) -> Result<Json<Profile>, ApiError> {
         let (user, roles) = auth::profile(&state, auth.0.claims.sub).await?;
         Ok(Json(Profile {
             id: user.id,
@@ -44,5 +86,36 @@ impl UsersApi {
             created_at: user.created_at,
             last_login_at: user.last_login_at,
         }))
+    }
+
+    /// The signed-in user's live sessions
+    #[oai(path = "/me/sessions", method = "get", operation_id = "mySessions")]
+    async fn sessions(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+    ) -> Result<Json<SessionList>, ApiError> {
+        let rows = sessions::list_live(&state.db, auth.0.claims.sub, state.clock.now()).await?;
+        Ok(Json(SessionList::from_rows(rows, Some(auth.0.claims.sid))))
+    }
+
+    /// End one of the signed-in user's sessions
+    ///
+    /// Its access tokens are refused from the next request on; its refresh token stops
+    /// working. Another user's session id is answered 404, like one that does not exist.
+    #[oai(path = "/me/sessions/:id", method = "delete", operation_id = "endMySession")]
+    async fn end_session(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> Result<NoContent, ApiError> {
+        sessions::end_own(&state, auth.0.claims.sub, id.0).await?;
+        state.audit.record(
+            crate::audit::AuditEvent::new("session_revoked", "success", state.clock.now())
+                .user(auth.0.claims.sub)
+                .detail(serde_json::json!({"session_id": id.0, "by": "owner"})),
+        );
+        Ok(NoContent::Done)
     }
 }

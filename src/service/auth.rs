@@ -14,7 +14,8 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::ClientInfo;
+use super::{ClientInfo, sessions};
+use crate::audit::AuditEvent;
 use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
@@ -36,10 +37,7 @@ pub struct Tokens {
 const MAX_USER_AGENT: usize = 512;
 
 fn user_agent(client: &ClientInfo) -> Option<String> {
-    client
-        .user_agent
-        .as_ref()
-        .map(|ua| ua.chars().take(MAX_USER_AGENT).collect())
+    client.user_agent.as_ref().map(|ua| ua.chars().take(MAX_USER_AGENT).collect())
 }
 
 fn seconds_until(now: DateTime<Utc>, then: DateTime<Utc>) -> u64 {
@@ -54,6 +52,7 @@ pub async fn register(
     state: &AppState,
     email: Email,
     password: Password,
+    client: &ClientInfo,
 ) -> Result<user::Model, ApiError> {
     let password_hash = state.hasher.hash(password).await?;
     let now = state.clock.now();
@@ -66,20 +65,19 @@ pub async fn register(
         updated_at: Set(now),
         last_login_at: Set(None),
     };
-    row.insert(&state.db).await.map_err(|e| match e.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => ApiError::new(
-            ErrorCode::EmailTaken,
-            "An account with this email already exists.",
-        ),
+    let created = row.insert(&state.db).await.map_err(|e| match e.sql_err() {
+        Some(SqlErr::UniqueConstraintViolation(_)) => {
+            state.audit.record(AuditEvent::new("register", "email_taken", now).client(client));
+            ApiError::new(ErrorCode::EmailTaken, "An account with this email already exists.")
+        }
         _ => ApiError::from(e),
-    })
+    })?;
+    state.audit.record(AuditEvent::new("register", "success", now).user(created.id).client(client));
+    Ok(created)
 }
 
 pub fn invalid_credentials() -> ApiError {
-    ApiError::new(
-        ErrorCode::InvalidCredentials,
-        "The email or password is incorrect.",
-    )
+    ApiError::new(ErrorCode::InvalidCredentials, "The email or password is incorrect.")
 }
 
 pub async fn login(
@@ -88,23 +86,23 @@ pub async fn login(
     password: Password,
     client: &ClientInfo,
 ) -> Result<Tokens, ApiError> {
-    let account = user::Entity::find()
-        .filter(user::Column::Email.eq(email.as_str()))
-        .one(&state.db)
-        .await?;
+    let account = user::Entity::find().filter(user::Column::Email.eq(email.as_str())).one(&state.db).await?;
     // Unknown emails verify against the dummy hash: the same work, the same answer.
-    let ok = state
-        .hasher
-        .verify(password, account.as_ref().map(|u| u.password_hash.as_str()))
-        .await?;
+    let ok = state.hasher.verify(password, account.as_ref().map(|u| u.password_hash.as_str())).await?;
+    let now = state.clock.now();
     let account = match account {
         Some(account) if ok => account,
-        _ => return Err(invalid_credentials()),
+        other => {
+            let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
+            if let Some(account) = other {
+                event = event.user(account.id);
+            }
+            state.audit.record(event);
+            return Err(invalid_credentials());
+        }
     };
 
-    let now = state.clock.now();
-    let ttl =
-        chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
+    let ttl = chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
     let session_id = Uuid::new_v4();
     let expires_at = now + ttl;
     let refresh = token::new_refresh_token()?;
@@ -126,10 +124,7 @@ pub async fn login(
     }
     .insert(&txn)
     .await?;
-    insert_refresh_token(
-        &txn, jti, session_id, account.id, &refresh, None, now, expires_at, client,
-    )
-    .await?;
+    insert_refresh_token(&txn, jti, session_id, account.id, &refresh, None, now, expires_at, client).await?;
     user::Entity::update_many()
         .col_expr(user::Column::LastLoginAt, Expr::value(now))
         .filter(user::Column::Id.eq(account.id))
@@ -137,11 +132,14 @@ pub async fn login(
         .await?;
     let roles = roles_of(&txn, account.id).await?;
     txn.commit().await?;
+    state.audit.record(
+        AuditEvent::new("login_success", "success", now)
+            .user(account.id)
+            .client(client)
+            .detail(serde_json::json!({"session_id": session_id})),
+    );
 
-    issue(
-        state, account.id, session_id, expires_at, roles, jti, None, refresh, now,
-    )
-    .await
+    issue(state, account.id, session_id, expires_at, roles, jti, None, refresh, now).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -206,18 +204,14 @@ async fn issue(
         .store
         .activate(&Activation {
             session_id,
-            record: SessionRecord {
-                user_id,
-                expires_at: session_expires_at,
-            },
+            record: SessionRecord { user_id, expires_at: session_expires_at },
             refresh_jti: jti,
             retired_jti,
             ttl: std_until(now, session_expires_at),
         })
         .await?;
 
-    let access_ttl =
-        chrono::Duration::from_std(state.config.access_token_ttl).map_err(ApiError::internal)?;
+    let access_ttl = chrono::Duration::from_std(state.config.access_token_ttl).map_err(ApiError::internal)?;
     // An access token never outlives its session.
     let exp = (now + access_ttl).min(session_expires_at);
     let claims = AccessClaims {
@@ -244,20 +238,49 @@ fn refresh_refused(detail: &'static str) -> ApiError {
     ApiError::invalid_token(detail)
 }
 
-/// The one rule for a refresh token that was already rotated (see SPEC "Tokens").
-fn on_reuse(_retired: &refresh_token::Model) -> ApiError {
-    ApiError::new(
-        ErrorCode::RefreshTokenReused,
-        "This refresh token was already used; log in again.",
-    )
+fn reused() -> ApiError {
+    ApiError::new(ErrorCode::RefreshTokenReused, "This refresh token was already used; log in again.")
 }
 
-pub async fn refresh(
-    state: &AppState,
+/// What a retired refresh token gets when it is presented again: the one rule (SPEC,
+/// "Tokens"), kept in one place.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// Within the grace window, successor still live: hand back that same successor.
+    SameSuccessor(String),
+    /// Within the window, but the successor has itself been rotated (or cannot be
+    /// recovered): refuse, and leave the session alone.
+    Refuse,
+    /// Outside the window: theft. End the whole session.
+    Theft,
+}
+
+pub fn judge_reuse(
     presented: &str,
-    client: &ClientInfo,
-) -> Result<Tokens, ApiError> {
-    // A refresh token is 43 base64url characters; anything else cannot match.
+    retired: &refresh_token::Model,
+    successor: Option<&refresh_token::Model>,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> Reuse {
+    let Some(retired_at) = retired.retired_at else { return Reuse::Refuse };
+    let within = chrono::Duration::from_std(grace).is_ok_and(|g| now - retired_at <= g);
+    if !within {
+        return Reuse::Theft;
+    }
+    let live = |s: &&refresh_token::Model| s.retired_at.is_none() && s.revoked_at.is_none();
+    let recovered = successor.filter(live).and_then(|s| {
+        let token = token::open_successor(presented, retired.successor_sealed.as_deref()?)?;
+        // The sealed token must be exactly the successor SQL knows.
+        (token::refresh_token_hash(&token) == s.token_hash).then_some(token)
+    });
+    match recovered {
+        Some(token) => Reuse::SameSuccessor(token),
+        None => Reuse::Refuse,
+    }
+}
+
+pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> Result<Tokens, ApiError> {
+    // A refresh token is 43 base64url characters; anything much longer cannot match.
     if presented.len() > 128 {
         return Err(refresh_refused("The refresh token is not valid."));
     }
@@ -268,38 +291,39 @@ pub async fn refresh(
         .await?
         .ok_or_else(|| refresh_refused("The refresh token is not valid."))?;
     let now = state.clock.now();
+    let ended = || refresh_refused("The session of this refresh token has ended.");
     if row.revoked_at.is_some() {
-        return Err(refresh_refused(
-            "The session of this refresh token has ended.",
-        ));
+        return Err(ended());
     }
-    let session = session::Entity::find_by_id(row.session_id)
-        .one(&state.db)
-        .await?
-        .ok_or_else(|| refresh_refused("The session of this refresh token has ended."))?;
+    let session = session::Entity::find_by_id(row.session_id).one(&state.db).await?.ok_or_else(ended)?;
     if session.revoked_at.is_some() || now >= session.expires_at {
-        return Err(refresh_refused(
-            "The session of this refresh token has ended.",
-        ));
+        return Err(ended());
     }
     if row.retired_at.is_some() {
-        return Err(on_reuse(&row));
+        return reuse(state, presented, row, &session, client, now).await;
     }
 
     let new_token = token::new_refresh_token()?;
+    let sealed = token::seal_successor(presented, &new_token)?;
     let jti = Uuid::now_v7();
     let txn = state.db.begin().await?;
-    // The compare-and-swap: only one caller can retire this token.
+    // The compare-and-swap: exactly one caller retires this token and names its successor.
     let retired = refresh_token::Entity::update_many()
         .col_expr(refresh_token::Column::RetiredAt, Expr::value(now))
+        .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(sealed))
         .filter(refresh_token::Column::Id.eq(row.id))
         .filter(refresh_token::Column::RetiredAt.is_null())
         .filter(refresh_token::Column::RevokedAt.is_null())
         .exec(&txn)
         .await?;
     if retired.rows_affected != 1 {
+        // Another request won the race; its commit is visible now. Judge as a reuse.
         txn.rollback().await?;
-        return Err(on_reuse(&row));
+        let row = refresh_token::Entity::find_by_id(row.id).one(&state.db).await?.ok_or_else(ended)?;
+        if row.revoked_at.is_some() {
+            return Err(ended());
+        }
+        return reuse(state, presented, row, &session, client, now).await;
     }
     insert_refresh_token(
         &txn,
@@ -315,64 +339,96 @@ pub async fn refresh(
     .await?;
     session::Entity::update_many()
         .col_expr(session::Column::LastUsedAt, Expr::value(now))
-        .col_expr(
-            session::Column::LastUsedIp,
-            Expr::value(client.ip.map(|ip| ip.to_string())),
-        )
+        .col_expr(session::Column::LastUsedIp, Expr::value(client.ip.map(|ip| ip.to_string())))
         .filter(session::Column::Id.eq(session.id))
         .exec(&txn)
         .await?;
     let roles = roles_of(&txn, row.user_id).await?;
     txn.commit().await?;
 
-    issue(
-        state,
-        row.user_id,
-        session.id,
-        session.expires_at,
-        roles,
-        jti,
-        Some(row.id),
-        new_token,
-        now,
-    )
-    .await
+    state.audit.record(
+        AuditEvent::new("refresh", "success", now)
+            .user(row.user_id)
+            .client(client)
+            .detail(serde_json::json!({"session_id": session.id})),
+    );
+    issue(state, row.user_id, session.id, session.expires_at, roles, jti, Some(row.id), new_token, now).await
 }
 
-/// Ends one session: SQL first (the truth), then the store (the instant effect).
-/// Idempotent, so a retry after a store failure finishes the job.
-pub async fn logout(state: &AppState, session_id: Uuid) -> Result<(), ApiError> {
-    let now = state.clock.now();
-    let txn = state.db.begin().await?;
-    session::Entity::update_many()
-        .col_expr(session::Column::RevokedAt, Expr::value(now))
-        .filter(session::Column::Id.eq(session_id))
-        .filter(session::Column::RevokedAt.is_null())
-        .exec(&txn)
+async fn reuse(
+    state: &AppState,
+    presented: &str,
+    row: refresh_token::Model,
+    session: &session::Model,
+    client: &ClientInfo,
+    now: DateTime<Utc>,
+) -> Result<Tokens, ApiError> {
+    let successor = refresh_token::Entity::find()
+        .filter(refresh_token::Column::ParentId.eq(row.id))
+        .one(&state.db)
         .await?;
-    refresh_token::Entity::update_many()
-        .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
-        .filter(refresh_token::Column::SessionId.eq(session_id))
-        .filter(refresh_token::Column::RevokedAt.is_null())
-        .exec(&txn)
-        .await?;
-    let jtis: Vec<Uuid> = refresh_token::Entity::find()
-        .filter(refresh_token::Column::SessionId.eq(session_id))
-        .filter(refresh_token::Column::RetiredAt.is_null())
-        .select_only()
-        .column(refresh_token::Column::Id)
-        .into_tuple()
-        .all(&txn)
-        .await?;
-    txn.commit().await?;
-    state.store.revoke(&[session_id], &jtis).await?;
+    match judge_reuse(presented, &row, successor.as_ref(), now, state.config.refresh_reuse_grace) {
+        Reuse::SameSuccessor(token) => {
+            let successor = successor.ok_or_else(|| ApiError::internal("successor vanished"))?;
+            let roles = roles_of(&state.db, row.user_id).await?;
+            issue(
+                state,
+                row.user_id,
+                session.id,
+                session.expires_at,
+                roles,
+                successor.id,
+                Some(row.id),
+                token,
+                now,
+            )
+            .await
+        }
+        Reuse::Refuse => Err(reused()),
+        Reuse::Theft => {
+            sessions::end(state, sessions::Scope::One(session.id)).await?;
+            tracing::warn!(session_id = %session.id, user_id = %row.user_id, "refresh token reused after rotation; session revoked");
+            state.audit.record(
+                AuditEvent::new("refresh_token_reused", "session_revoked", now)
+                    .user(row.user_id)
+                    .client(client)
+                    .detail(serde_json::json!({"session_id": session.id, "token_id": row.id})),
+            );
+            Err(reused())
+        }
+    }
+}
+
+/// Ends the session of this access token.
+pub async fn logout(
+    state: &AppState,
+    user_id: Uuid,
+    session_id: Uuid,
+    client: &ClientInfo,
+) -> Result<(), ApiError> {
+    sessions::end(state, sessions::Scope::One(session_id)).await?;
+    state.audit.record(
+        AuditEvent::new("logout", "success", state.clock.now())
+            .user(user_id)
+            .client(client)
+            .detail(serde_json::json!({"session_id": session_id})),
+    );
     Ok(())
 }
 
-pub async fn profile(
-    state: &AppState,
-    user_id: Uuid,
-) -> Result<(user::Model, Vec<String>), ApiError> {
+/// Ends every session of the user.
+pub async fn logout_all(state: &AppState, user_id: Uuid, client: &ClientInfo) -> Result<(), ApiError> {
+    let ended = sessions::end(state, sessions::Scope::AllOfUser(user_id)).await?;
+    state.audit.record(
+        AuditEvent::new("logout_all", "success", state.clock.now())
+            .user(user_id)
+            .client(client)
+            .detail(serde_json::json!({"sessions": ended.len()})),
+    );
+    Ok(())
+}
+
+pub async fn profile(state: &AppState, user_id: Uuid) -> Result<(user::Model, Vec<String>), ApiError> {
     let account = user::Entity::find_by_id(user_id)
         .one(&state.db)
         .await?

@@ -1,6 +1,8 @@
 //! The rules: registration, login, refresh rotation, logout, sessions. No poem types here.
 
 pub mod auth;
+pub mod sessions;
+pub mod users;
 
 use std::net::IpAddr;
 

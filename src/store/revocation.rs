@@ -90,12 +90,9 @@ impl RedisStore {
             // Fail a request fast while Redis is down; the next request tries again.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError(e.to_string()))?;
-        Ok(Self {
-            conn,
-            prefix: prefix.to_owned(),
-        })
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| StoreError(e.to_string()))?;
+        Ok(Self { conn, prefix: prefix.to_owned() })
     }
 
     fn session_key(&self, id: Uuid) -> String {
@@ -123,19 +120,13 @@ impl RevocationStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(redis_err)?;
         Ok(())
     }
 
     async fn session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
         let mut conn = self.conn.clone();
-        let raw: Option<String> = conn
-            .get(self.session_key(session_id))
-            .await
-            .map_err(redis_err)?;
+        let raw: Option<String> = conn.get(self.session_key(session_id)).await.map_err(redis_err)?;
         Ok(raw.as_deref().and_then(SessionRecord::decode))
     }
 
@@ -239,10 +230,7 @@ impl RevocationStore for MemoryStore {
 
     async fn activate(&self, a: &Activation) -> Result<(), StoreError> {
         let until = Instant::now() + a.ttl;
-        self.sessions
-            .lock()
-            .map_err(poisoned)?
-            .insert(a.session_id, (a.record.clone(), until));
+        self.sessions.lock().map_err(poisoned)?.insert(a.session_id, (a.record.clone(), until));
         let mut refresh = self.refresh.lock().map_err(poisoned)?;
         refresh.insert(a.refresh_jti, until);
         if let Some(old) = a.retired_jti {
@@ -287,14 +275,8 @@ mod tests {
         let store = MemoryStore::new();
         let a = activation(Duration::from_secs(60));
         store.activate(&a).await.expect("activate");
-        assert_eq!(
-            store.session(a.session_id).await.expect("get"),
-            Some(a.record.clone())
-        );
-        store
-            .revoke(&[a.session_id], &[a.refresh_jti])
-            .await
-            .expect("revoke");
+        assert_eq!(store.session(a.session_id).await.expect("get"), Some(a.record.clone()));
+        store.revoke(&[a.session_id], &[a.refresh_jti]).await.expect("revoke");
         assert_eq!(store.session(a.session_id).await.expect("get"), None);
 
         let short = activation(Duration::from_millis(20));

@@ -13,31 +13,13 @@ async fn malformed_bodies_are_validation_failed() {
         ("/v1/auth/register", ""),
         ("/v1/auth/register", "[]"),
         ("/v1/auth/register", r#"{"email":"a@example.com"}"#),
-        (
-            "/v1/auth/register",
-            r#"{"password":"long enough password"}"#,
-        ),
-        (
-            "/v1/auth/register",
-            r#"{"email":"a@example.com","password":"long enough password","admin":true}"#,
-        ),
-        (
-            "/v1/auth/register",
-            r#"{"email":42,"password":"long enough password"}"#,
-        ),
-        (
-            "/v1/auth/register",
-            r#"{"email":"a@example.com","password":12345678}"#,
-        ),
-        (
-            "/v1/auth/register",
-            r#"{"email":null,"password":"long enough password"}"#,
-        ),
+        ("/v1/auth/register", r#"{"password":"long enough password"}"#),
+        ("/v1/auth/register", r#"{"email":"a@example.com","password":"long enough password","admin":true}"#),
+        ("/v1/auth/register", r#"{"email":42,"password":"long enough password"}"#),
+        ("/v1/auth/register", r#"{"email":"a@example.com","password":12345678}"#),
+        ("/v1/auth/register", r#"{"email":null,"password":"long enough password"}"#),
         ("/v1/auth/login", "{not json"),
-        (
-            "/v1/auth/login",
-            r#"{"email":"a@example.com","password":"x","extra":1}"#,
-        ),
+        ("/v1/auth/login", r#"{"email":"a@example.com","password":"x","extra":1}"#),
         ("/v1/auth/refresh", "{}"),
         ("/v1/auth/refresh", r#"{"refresh_token":1}"#),
         ("/v1/auth/refresh", r#"{"refresh_token":"x","more":1}"#),
@@ -64,12 +46,9 @@ async fn malformed_bodies_are_validation_failed() {
 async fn invalid_emails_and_passwords_are_refused_at_registration() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
     for email in ["", "plain", "a@b", "a b@example.com", "@example.com"] {
-        let body = assert_problem(
-            app.register(email, PASSWORD).await,
-            StatusCode::BAD_REQUEST,
-            "validation_failed",
-        )
-        .await;
+        let body =
+            assert_problem(app.register(email, PASSWORD).await, StatusCode::BAD_REQUEST, "validation_failed")
+                .await;
         assert!(body["detail"].as_str().unwrap().contains("email"));
     }
     let too_long_email = format!("{}@example.com", "a".repeat(250));
@@ -89,56 +68,30 @@ async fn invalid_emails_and_passwords_are_refused_at_registration() {
         assert!(body["detail"].as_str().unwrap().contains("password"));
     }
     let huge = "x".repeat(1025);
-    assert_problem(
-        app.register("p@example.com", &huge).await,
-        StatusCode::BAD_REQUEST,
-        "validation_failed",
-    )
-    .await;
-    assert_problem(
-        app.login("p@example.com", &huge).await,
-        StatusCode::BAD_REQUEST,
-        "validation_failed",
-    )
-    .await;
+    assert_problem(app.register("p@example.com", &huge).await, StatusCode::BAD_REQUEST, "validation_failed")
+        .await;
+    assert_problem(app.login("p@example.com", &huge).await, StatusCode::BAD_REQUEST, "validation_failed")
+        .await;
     // 8 characters of 2 bytes each is long enough; 1024 characters is not too long.
-    assert_eq!(
-        app.register("p@example.com", "éééééééé").await.status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(
-        app.register("q@example.com", &"é".repeat(1024))
-            .await
-            .status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.register("p@example.com", "éééééééé").await.status(), StatusCode::CREATED);
+    assert_eq!(app.register("q@example.com", &"é".repeat(1024)).await.status(), StatusCode::CREATED);
 }
 
 #[tokio::test]
 async fn wrong_password_and_unknown_email_are_indistinguishable() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
-    assert_eq!(
-        app.register("known@example.com", PASSWORD).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.register("known@example.com", PASSWORD).await.status(), StatusCode::CREATED);
     let wrong = app.login("known@example.com", "not the password").await;
     let wrong_headers = wrong.headers().clone();
     let wrong_body = assert_problem(wrong, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
     let unknown = app.login("nobody@example.com", "not the password").await;
     let unknown_headers = unknown.headers().clone();
-    let unknown_body =
-        assert_problem(unknown, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    let unknown_body = assert_problem(unknown, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
     assert_eq!(wrong_body, unknown_body);
-    assert_eq!(
-        wrong_headers["www-authenticate"],
-        unknown_headers["www-authenticate"]
-    );
-    let malformed = assert_problem(
-        app.login("not-an-email", "x").await,
-        StatusCode::UNAUTHORIZED,
-        "invalid_credentials",
-    )
-    .await;
+    assert_eq!(wrong_headers["www-authenticate"], unknown_headers["www-authenticate"]);
+    let malformed =
+        assert_problem(app.login("not-an-email", "x").await, StatusCode::UNAUTHORIZED, "invalid_credentials")
+            .await;
     assert_eq!(malformed, wrong_body);
 }
 
@@ -168,35 +121,22 @@ async fn oversized_bodies_are_413_whether_declared_or_streamed() {
 fn futures_stream(
     body: String,
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body
-        .into_bytes()
-        .chunks(4096)
-        .map(|c| Ok(c.to_vec()))
-        .collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.into_bytes().chunks(4096).map(|c| Ok(c.to_vec())).collect();
     futures_util::stream::iter(chunks)
 }
 
 #[tokio::test]
 async fn unknown_routes_and_wrong_methods_get_the_json_body() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
-    assert_problem(
-        app.get("/no/such/route", None).await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-    )
-    .await;
+    assert_problem(app.get("/no/such/route", None).await, StatusCode::NOT_FOUND, "not_found").await;
     assert_problem(
         app.get("/v1/auth/login", None).await,
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
     )
     .await;
-    let resp = app
-        .client
-        .delete(app.url("/v1/users/me"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.client.delete(app.url("/v1/users/me")).send().await.unwrap();
     assert_problem(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
 }
 
@@ -205,10 +145,7 @@ async fn equal_failures_have_equal_bodies_and_a_request_id_header() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
     let a = app.get("/v1/users/me", Some("garbage")).await;
     let b = app.get("/v1/users/me", Some("garbage")).await;
-    let (ida, idb) = (
-        a.headers()["x-request-id"].clone(),
-        b.headers()["x-request-id"].clone(),
-    );
+    let (ida, idb) = (a.headers()["x-request-id"].clone(), b.headers()["x-request-id"].clone());
     assert_ne!(ida, idb);
     assert_eq!(a.text().await.unwrap(), b.text().await.unwrap());
 }

@@ -27,23 +27,12 @@ fn migrate_up_and_status_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
     let up = latchkey(&["migrate", "up"], &[("DATABASE_URL", &url)]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
     let status = latchkey(&["migrate", "status"], &[("DATABASE_URL", &url)]);
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        text.contains("applied") && text.contains("m20261124_000001_initial"),
-        "{text}"
-    );
+    assert!(text.contains("applied") && text.contains("m20261124_000001_initial"), "{text}");
     let fresh = latchkey(&["migrate", "fresh", "--yes"], &[("DATABASE_URL", &url)]);
-    assert!(
-        fresh.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fresh.stderr)
-    );
+    assert!(fresh.status.success(), "{}", String::from_utf8_lossy(&fresh.stderr));
 }
 
 #[test]

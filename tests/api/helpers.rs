@@ -34,8 +34,7 @@ pub enum Store {
 }
 
 fn admin_pg_url() -> String {
-    std::env::var("TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 fn shared_redis_url() -> String {
@@ -55,13 +54,9 @@ impl Resources {
     pub async fn new(backend: Backend, store: &Store) -> Arc<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (database_url, pg_database) = match backend {
-            Backend::Sqlite => (
-                format!(
-                    "sqlite://{}?mode=rwc",
-                    dir.path().join("latchkey.db").display()
-                ),
-                None,
-            ),
+            Backend::Sqlite => {
+                (format!("sqlite://{}?mode=rwc", dir.path().join("latchkey.db").display()), None)
+            }
             Backend::Postgres => {
                 let name = fresh_pg_database().await;
                 (format!("{}/{name}", admin_pg_url()), Some(name))
@@ -89,10 +84,7 @@ impl Drop for Resources {
         let redis_url = self.redis_url.clone();
         // Async clean-up from a synchronous Drop: a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async move {
@@ -113,9 +105,8 @@ static SWEPT: AtomicBool = AtomicBool::new(false);
 /// Creates `lk_test_<unix time>_<random>`; the first call of a run also drops databases
 /// left behind by runs that died more than an hour ago.
 async fn fresh_pg_database() -> String {
-    let admin = Database::connect(format!("{}/postgres", admin_pg_url()))
-        .await
-        .expect("connect to PostgreSQL");
+    let admin =
+        Database::connect(format!("{}/postgres", admin_pg_url())).await.expect("connect to PostgreSQL");
     if !SWEPT.swap(true, Ordering::SeqCst) {
         let cutoff = chrono::Utc::now().timestamp() - 3600;
         let rows = admin
@@ -127,11 +118,7 @@ async fn fresh_pg_database() -> String {
             .expect("list databases");
         for row in rows {
             let name: String = row.try_get("", "datname").expect("datname");
-            let ts = name
-                .split('_')
-                .nth(2)
-                .and_then(|t| t.parse::<i64>().ok())
-                .unwrap_or(0);
+            let ts = name.split('_').nth(2).and_then(|t| t.parse::<i64>().ok()).unwrap_or(0);
             if ts < cutoff {
                 let _ = admin
                     .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
@@ -139,24 +126,15 @@ async fn fresh_pg_database() -> String {
             }
         }
     }
-    let name = format!(
-        "lk_test_{}_{}",
-        chrono::Utc::now().timestamp(),
-        uuid::Uuid::new_v4().simple()
-    );
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-        .await
-        .expect("create database");
+    let name = format!("lk_test_{}_{}", chrono::Utc::now().timestamp(), uuid::Uuid::new_v4().simple());
+    admin.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await.expect("create database");
     let _ = admin.close().await;
     name
 }
 
 async fn drop_pg_database(name: &str) {
     if let Ok(admin) = Database::connect(format!("{}/postgres", admin_pg_url())).await {
-        let _ = admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await;
+        let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
         let _ = admin.close().await;
     }
 }
@@ -165,19 +143,13 @@ async fn delete_redis_prefix(url: &str, prefix: &str) {
     let Ok(client) = redis::Client::open(url) else {
         return;
     };
-    let Ok(Ok(mut conn)) = tokio::time::timeout(
-        Duration::from_secs(1),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
+    let Ok(Ok(mut conn)) =
+        tokio::time::timeout(Duration::from_secs(1), client.get_multiplexed_async_connection()).await
     else {
         return;
     };
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap_or_default();
     if !keys.is_empty() {
         let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
     }
@@ -206,15 +178,10 @@ impl TestApp {
 
     /// Another instance on the same database and revocation store.
     pub async fn spawn_on(resources: Arc<Resources>, env: &[(&str, &str)]) -> Self {
-        Self::try_spawn_on(resources, env)
-            .await
-            .expect("build the application")
+        Self::try_spawn_on(resources, env).await.expect("build the application")
     }
 
-    pub async fn try_spawn_on(
-        resources: Arc<Resources>,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
+    pub async fn try_spawn_on(resources: Arc<Resources>, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut map: HashMap<String, String> = HashMap::from([
             ("LISTEN_ADDR".into(), "127.0.0.1:0".into()),
             ("DATABASE_URL".into(), resources.database_url.clone()),
@@ -237,19 +204,8 @@ impl TestApp {
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .expect("client");
-        Ok(Self {
-            address,
-            client,
-            state,
-            clock,
-            resources,
-            stop: Some(stop),
-            server: Some(server),
-        })
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client");
+        Ok(Self { address, client, state, clock, resources, stop: Some(stop), server: Some(server) })
     }
 
     /// Stops the server gracefully and waits for it.
@@ -258,10 +214,7 @@ impl TestApp {
             let _ = stop.send(());
         }
         if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("server task")
-                .expect("server stopped cleanly");
+            server.await.expect("server task").expect("server stopped cleanly");
         }
     }
 
@@ -278,12 +231,7 @@ impl TestApp {
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {
-        self.client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("request")
+        self.client.post(self.url(path)).json(body).send().await.expect("request")
     }
 
     pub async fn post_raw(&self, path: &str, body: &str) -> Response {
@@ -297,48 +245,28 @@ impl TestApp {
     }
 
     pub async fn post_bearer(&self, path: &str, token: &str) -> Response {
-        self.client
-            .post(self.url(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request")
+        self.client.post(self.url(path)).bearer_auth(token).send().await.expect("request")
     }
 
     pub async fn register(&self, email: &str, password: &str) -> Response {
-        self.post_json(
-            "/v1/auth/register",
-            &json!({"email": email, "password": password}),
-        )
-        .await
+        self.post_json("/v1/auth/register", &json!({"email": email, "password": password})).await
     }
 
     pub async fn login(&self, email: &str, password: &str) -> Response {
-        self.post_json(
-            "/v1/auth/login",
-            &json!({"email": email, "password": password}),
-        )
-        .await
+        self.post_json("/v1/auth/login", &json!({"email": email, "password": password})).await
     }
 
     pub async fn refresh(&self, refresh_token: &str) -> Response {
-        self.post_json("/v1/auth/refresh", &json!({"refresh_token": refresh_token}))
-            .await
+        self.post_json("/v1/auth/refresh", &json!({"refresh_token": refresh_token})).await
     }
 
     /// Registers a fresh user and logs in: (email, token response).
     pub async fn signed_in_user(&self) -> (String, Tokens) {
         let email = format!("user-{}@example.com", uuid::Uuid::new_v4().simple());
-        assert_eq!(
-            self.register(&email, PASSWORD).await.status(),
-            StatusCode::CREATED
-        );
+        assert_eq!(self.register(&email, PASSWORD).await.status(), StatusCode::CREATED);
         let resp = self.login(&email, PASSWORD).await;
         assert_eq!(resp.status(), StatusCode::OK);
-        (
-            email,
-            Tokens::from(resp.json::<Value>().await.expect("json")),
-        )
+        (email, Tokens::from(resp.json::<Value>().await.expect("json")))
     }
 }
 
@@ -364,14 +292,8 @@ pub struct Tokens {
 impl From<Value> for Tokens {
     fn from(body: Value) -> Self {
         Self {
-            access: body["access_token"]
-                .as_str()
-                .expect("access_token")
-                .to_owned(),
-            refresh: body["refresh_token"]
-                .as_str()
-                .expect("refresh_token")
-                .to_owned(),
+            access: body["access_token"].as_str().expect("access_token").to_owned(),
+            refresh: body["refresh_token"].as_str().expect("refresh_token").to_owned(),
             session_id: body["session_id"].as_str().expect("session_id").to_owned(),
             body,
         }
@@ -381,37 +303,20 @@ impl From<Value> for Tokens {
 /// Asserts the one error shape and returns the body.
 pub async fn assert_problem(resp: Response, status: StatusCode, code: &str) -> Value {
     let got = resp.status();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let content_type =
+        resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let www = resp.headers().get("www-authenticate").cloned();
     let text = resp.text().await.expect("body");
     assert_eq!(got, status, "status for {code}: {text}");
-    assert!(
-        content_type.starts_with("application/problem+json"),
-        "content type {content_type:?}: {text}"
-    );
+    assert!(content_type.starts_with("application/problem+json"), "content type {content_type:?}: {text}");
     let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     assert_eq!(body["code"], code, "{text}");
     assert_eq!(body["status"], status.as_u16(), "{text}");
-    assert!(
-        body["title"].is_string() && body["detail"].is_string(),
-        "{text}"
-    );
-    assert_eq!(
-        body.as_object().map(|o| o.len()),
-        Some(4),
-        "exactly status, code, title, detail: {text}"
-    );
+    assert!(body["title"].is_string() && body["detail"].is_string(), "{text}");
+    assert_eq!(body.as_object().map(|o| o.len()), Some(4), "exactly status, code, title, detail: {text}");
     if status == StatusCode::UNAUTHORIZED {
         let www = www.expect("401 carries WWW-Authenticate");
-        assert!(
-            www.to_str().expect("ascii").starts_with("Bearer"),
-            "{www:?}"
-        );
+        assert!(www.to_str().expect("ascii").starts_with("Bearer"), "{www:?}");
     }
     body
 }
@@ -423,20 +328,13 @@ pub struct PrivateRedis {
 }
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 impl PrivateRedis {
     /// A port with no Redis on it yet.
     pub fn reserve() -> Self {
-        Self {
-            port: free_port(),
-            child: None,
-        }
+        Self { port: free_port(), child: None }
     }
 
     pub fn url(&self) -> String {
@@ -498,5 +396,29 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl TestApp {
+    pub async fn delete(&self, path: &str, token: &str) -> Response {
+        self.client.delete(self.url(path)).bearer_auth(token).send().await.expect("request")
+    }
+
+    /// Logs in with extra request headers (user agent, forwarding headers).
+    pub async fn login_with(&self, email: &str, headers: &[(&str, &str)]) -> Tokens {
+        let mut req =
+            self.client.post(self.url("/v1/auth/login")).json(&json!({"email": email, "password": PASSWORD}));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request");
+        assert_eq!(resp.status(), StatusCode::OK);
+        Tokens::from(resp.json::<Value>().await.expect("json"))
+    }
+
+    /// Registers `email` (if new) and logs in.
+    pub async fn user(&self, email: &str) -> Tokens {
+        let _ = self.register(email, PASSWORD).await;
+        self.login_with(email, &[]).await
     }
 }

@@ -10,4 +10,5 @@ mod helpers;
 mod openapi;
 mod outage;
 mod readme;
+mod sessions;
 mod tokens;

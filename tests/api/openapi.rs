@@ -13,9 +13,8 @@ fn checked_in_spec_matches_latchkey_openapi() {
         .expect("run latchkey openapi");
     assert!(output.status.success());
     let generated = String::from_utf8(output.stdout).expect("utf-8");
-    let checked_in =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
-            .expect("openapi/openapi.json");
+    let checked_in = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+        .expect("openapi/openapi.json");
     assert!(
         generated == checked_in,
         "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json`"
@@ -42,10 +41,7 @@ fn spec_documents_every_operation_errors_and_the_bearer_scheme() {
         if path.starts_with("/v1/") {
             let responses = op["responses"].as_object().unwrap();
             for status in ["400", "401", "503"] {
-                assert!(
-                    responses.contains_key(status),
-                    "{method} {path} lacks {status}"
-                );
+                assert!(responses.contains_key(status), "{method} {path} lacks {status}");
             }
             assert_eq!(
                 responses["401"]["content"]["application/problem+json"]["schema"]["$ref"],
@@ -54,21 +50,13 @@ fn spec_documents_every_operation_errors_and_the_bearer_scheme() {
         }
     }
     for path in ["/v1/auth/logout", "/v1/auth/session", "/v1/users/me"] {
-        let op = spec["paths"][path]
-            .as_object()
-            .unwrap()
-            .values()
-            .next()
-            .unwrap();
+        let op = spec["paths"][path].as_object().unwrap().values().next().unwrap();
         assert!(
             op["security"].to_string().contains("BearerAuth"),
             "{path} is not marked as bearer-protected"
         );
     }
-    assert_eq!(
-        spec["components"]["securitySchemes"]["BearerAuth"]["scheme"],
-        "bearer"
-    );
+    assert_eq!(spec["components"]["securitySchemes"]["BearerAuth"]["scheme"], "bearer");
 }
 
 #[tokio::test]
@@ -76,13 +64,7 @@ async fn swagger_ui_and_spec_are_served() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
     let resp = app.get("/docs", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(
-        resp.text()
-            .await
-            .unwrap()
-            .to_lowercase()
-            .contains("swagger")
-    );
+    assert!(resp.text().await.unwrap().to_lowercase().contains("swagger"));
     let served: Value = app.get("/openapi.json", None).await.json().await.unwrap();
     let generated: Value = serde_json::from_str(&latchkey::api::spec_json()).unwrap();
     assert_eq!(served, generated);

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{
-    Backend, PrivateRedis, Resources, Store, TestApp, assert_problem, eventually,
-};
+use crate::helpers::{Backend, PrivateRedis, Resources, Store, TestApp, assert_problem, eventually};
 
 async fn ready(app: &TestApp) -> (StatusCode, Value) {
     let resp = app.get("/ready", None).await;
@@ -28,12 +26,7 @@ async fn starts_without_redis_fails_closed_and_heals_when_it_appears() {
     assert_eq!(body["checks"]["database"], "ok", "{body}");
 
     // Registration needs only SQL; login must make the session live, so it cannot pass.
-    assert_eq!(
-        app.register("r@example.com", crate::helpers::PASSWORD)
-            .await
-            .status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.register("r@example.com", crate::helpers::PASSWORD).await.status(), StatusCode::CREATED);
     let started = Instant::now();
     let resp = app.login("r@example.com", crate::helpers::PASSWORD).await;
     assert!(resp.headers().contains_key("retry-after"));
@@ -46,20 +39,14 @@ async fn starts_without_redis_fails_closed_and_heals_when_it_appears() {
 
     redis.start().await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            ready(&app).await.0 == StatusCode::OK
-        })
-        .await,
+        eventually(Duration::from_secs(10), || async { ready(&app).await.0 == StatusCode::OK }).await,
         "/ready did not recover without a restart"
     );
     let resp = app.login("r@example.com", crate::helpers::PASSWORD).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let tokens: Value = resp.json().await.unwrap();
     let access = tokens["access_token"].as_str().unwrap();
-    assert_eq!(
-        app.get("/v1/users/me", Some(access)).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get("/v1/users/me", Some(access)).await.status(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -69,10 +56,7 @@ async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
     let resources = Resources::new(Backend::Sqlite, &Store::RedisAt(redis.url())).await;
     let app = TestApp::spawn_on(resources, &[]).await;
     let (_, tokens) = app.signed_in_user().await;
-    assert_eq!(
-        app.get("/v1/users/me", Some(&tokens.access)).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get("/v1/users/me", Some(&tokens.access)).await.status(), StatusCode::OK);
 
     redis.kill();
     for path in ["/v1/users/me", "/v1/auth/session"] {
@@ -80,11 +64,7 @@ async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
         let resp = app.get(path, Some(&tokens.access)).await;
         assert!(resp.headers().contains_key("retry-after"));
         assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "no hang: {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "no hang: {:?}", started.elapsed());
     }
     let (status, body) = ready(&app).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -94,10 +74,7 @@ async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
     // session's state is gone from Redis, so its token is refused as revoked, not passed.
     redis.start().await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            ready(&app).await.0 == StatusCode::OK
-        })
-        .await,
+        eventually(Duration::from_secs(10), || async { ready(&app).await.0 == StatusCode::OK }).await,
         "/ready did not recover"
     );
     assert_problem(
@@ -107,8 +84,5 @@ async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
     )
     .await;
     let (_, fresh) = app.signed_in_user().await;
-    assert_eq!(
-        app.get("/v1/users/me", Some(&fresh.access)).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.get("/v1/users/me", Some(&fresh.access)).await.status(), StatusCode::OK);
 }

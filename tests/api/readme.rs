@@ -5,11 +5,8 @@ use std::process::Command;
 use crate::helpers::{Backend, Store, TestApp};
 
 fn walkthrough() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme
-        .find("<!-- walkthrough:start -->")
-        .expect("start marker");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("<!-- walkthrough:start -->").expect("start marker");
     let end = readme.find("<!-- walkthrough:end -->").expect("end marker");
     let block = &readme[start..end];
     let code = block.split("```sh\n").nth(1).expect("sh block");
@@ -21,37 +18,21 @@ async fn readme_walkthrough_works_verbatim() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
     let script = walkthrough();
     assert!(script.contains("BASE=http://127.0.0.1:8080"));
-    let script = script.replace(
-        "BASE=http://127.0.0.1:8080",
-        &format!("BASE={}", app.address),
-    );
+    let script = script.replace("BASE=http://127.0.0.1:8080", &format!("BASE={}", app.address));
     let output = tokio::task::spawn_blocking(move || {
-        Command::new("bash")
-            .arg("-euo")
-            .arg("pipefail")
-            .arg("-c")
-            .arg(script)
-            .output()
-            .expect("run bash")
+        Command::new("bash").arg("-euo").arg("pipefail").arg("-c").arg(script).output().expect("run bash")
     })
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "walk-through failed:\n{stdout}\n{stderr}"
-    );
+    assert!(output.status.success(), "walk-through failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(r#""email": "ada@example.com""#), "{stdout}");
     assert!(stdout.contains(r#""session_id""#), "{stdout}");
     assert!(stdout.contains("\n204\n"), "logout answered 204: {stdout}");
     // The README shows the last command's output: keep them in step.
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let last = stdout.rsplit("204\n").next().unwrap().trim();
-    assert!(
-        readme.contains(last),
-        "README's printed error differs from the real one:\n{last}"
-    );
+    assert!(readme.contains(last), "README's printed error differs from the real one:\n{last}");
     assert!(last.contains(r#""code": "token_revoked""#));
 }

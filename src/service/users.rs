@@ -1,0 +1,67 @@
+//! Accounts and roles outside the HTTP flow: the CLI's `user create` and role changes.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _, Set};
+use uuid::Uuid;
+
+use crate::domain::Email;
+use crate::error::{ApiError, ErrorCode};
+use crate::store::entity::{role, user, user_role};
+
+async fn user_id_by_email(db: &impl ConnectionTrait, email: &str) -> Result<Uuid, ApiError> {
+    let email = Email::parse(email)?;
+    user::Entity::find()
+        .filter(user::Column::Email.eq(email.as_str()))
+        .one(db)
+        .await?
+        .map(|u| u.id)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "No account with this email."))
+}
+
+/// Creates the role if needed and gives it to the user. Idempotent.
+pub async fn grant_role(
+    db: &impl ConnectionTrait,
+    email: &str,
+    role_name: &str,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let user_id = user_id_by_email(db, email).await?;
+    role::Entity::insert(role::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        name: Set(role_name.to_owned()),
+        created_at: Set(now),
+    })
+    .on_conflict_do_nothing_on([role::Column::Name])
+    .exec(db)
+    .await?;
+    let role_id = role::Entity::find()
+        .filter(role::Column::Name.eq(role_name))
+        .one(db)
+        .await?
+        .map(|r| r.id)
+        .ok_or_else(|| ApiError::internal("role vanished after insert"))?;
+    user_role::Entity::insert(user_role::ActiveModel {
+        user_id: Set(user_id),
+        role_id: Set(role_id),
+        created_at: Set(now),
+    })
+    .on_conflict_do_nothing_on([user_role::Column::UserId, user_role::Column::RoleId])
+    .exec(db)
+    .await?;
+    Ok(())
+}
+
+/// Takes a role away. Takes effect on the user's next admin request (roles are re-read
+/// from SQL there) and next refresh (the token's `roles` claim).
+pub async fn revoke_role(db: &impl ConnectionTrait, email: &str, role_name: &str) -> Result<(), ApiError> {
+    let user_id = user_id_by_email(db, email).await?;
+    let Some(role) = role::Entity::find().filter(role::Column::Name.eq(role_name)).one(db).await? else {
+        return Ok(());
+    };
+    user_role::Entity::delete_many()
+        .filter(user_role::Column::UserId.eq(user_id))
+        .filter(user_role::Column::RoleId.eq(role.id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
