@@ -4,7 +4,12 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use migration::{Migrator, MigratorTrait as _};
 
+use std::io::{BufRead as _, IsTerminal as _};
+
 use crate::config::Config;
+use crate::domain::{Email, Password};
+use crate::password::PasswordHasher;
+use crate::service::users;
 use crate::store::db;
 
 #[derive(Debug, Parser)]
@@ -25,6 +30,25 @@ pub enum Command {
     },
     /// Print the OpenAPI document the server generates.
     Openapi,
+    /// Manage accounts.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Create an account. The password is read from LATCHKEY_PASSWORD when set, else
+    /// from one line on standard input (a prompt, asked twice, when it is a terminal);
+    /// never from the command line.
+    Create {
+        #[arg(long)]
+        email: String,
+        /// A role to grant, e.g. admin; repeat for several.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,4 +93,45 @@ pub async fn migrate(config: &Config, action: MigrateAction) -> anyhow::Result<(
     }
     conn.close().await?;
     Ok(())
+}
+
+pub async fn user(config: &Config, action: UserAction) -> anyhow::Result<()> {
+    let UserAction::Create { email, roles } = action;
+    let email = Email::parse(&email).map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    let password = Password::new(read_password()?).map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    let conn = db::connect_with(config, 1).await.context("connecting to the database (DATABASE_URL)")?;
+    let now = chrono::Utc::now();
+    db::migrate_and_prepare(config, &conn, now).await?;
+    let hasher = PasswordHasher::start(1, 1)?;
+    let hash = hasher.hash(password).await?;
+    let created =
+        users::insert_user(&conn, &email, hash, now).await.map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    for role in &roles {
+        users::grant_role(&conn, email.as_str(), role, now)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    }
+    conn.close().await?;
+    let printed = serde_json::json!({"id": created.id, "email": created.email, "roles": roles});
+    println!("{printed}");
+    Ok(())
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if let Ok(password) = std::env::var("LATCHKEY_PASSWORD") {
+        return Ok(password);
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let second = rpassword::prompt_password("Repeat the password: ")?;
+        if first != second {
+            bail!("the passwords differ");
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line).context("reading the password from standard input")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(password.strip_suffix('\r').unwrap_or(password).to_owned())
 }

@@ -32,6 +32,7 @@ async fn main() -> ExitCode {
     telemetry::init(config.log_format);
     let result = match command {
         Command::Migrate { action } => cli::migrate(&config, action).await,
+        Command::User { action } => cli::user(&config, action).await,
         _ => serve(config).await,
     };
     match result {

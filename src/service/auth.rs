@@ -10,11 +10,11 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _,
-    QuerySelect as _, Set, SqlErr, TransactionTrait as _,
+    QuerySelect as _, Set, TransactionTrait as _,
 };
 use uuid::Uuid;
 
-use super::{ClientInfo, sessions};
+use super::{ClientInfo, sessions, users};
 use crate::audit::AuditEvent;
 use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
@@ -56,22 +56,15 @@ pub async fn register(
 ) -> Result<user::Model, ApiError> {
     let password_hash = state.hasher.hash(password).await?;
     let now = state.clock.now();
-    let row = user::ActiveModel {
-        id: Set(Uuid::now_v7()),
-        email: Set(email.as_str().to_owned()),
-        password_hash: Set(password_hash),
-        is_verified: Set(false),
-        created_at: Set(now),
-        updated_at: Set(now),
-        last_login_at: Set(None),
-    };
-    let created = row.insert(&state.db).await.map_err(|e| match e.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => {
-            state.audit.record(AuditEvent::new("register", "email_taken", now).client(client));
-            ApiError::new(ErrorCode::EmailTaken, "An account with this email already exists.")
+    let created = match users::insert_user(&state.db, &email, password_hash, now).await {
+        Ok(created) => created,
+        Err(e) => {
+            if e.code == ErrorCode::EmailTaken {
+                state.audit.record(AuditEvent::new("register", "email_taken", now).client(client));
+            }
+            return Err(e);
         }
-        _ => ApiError::from(e),
-    })?;
+    };
     state.audit.record(AuditEvent::new("register", "success", now).user(created.id).client(client));
     Ok(created)
 }

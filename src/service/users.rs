@@ -1,12 +1,38 @@
 //! Accounts and roles outside the HTTP flow: the CLI's `user create` and role changes.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _, Set};
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _, Set, SqlErr,
+};
 use uuid::Uuid;
 
 use crate::domain::Email;
 use crate::error::{ApiError, ErrorCode};
 use crate::store::entity::{role, user, user_role};
+
+/// Inserts an account; a taken email is `email_taken`.
+pub async fn insert_user(
+    db: &impl ConnectionTrait,
+    email: &Email,
+    password_hash: String,
+    now: DateTime<Utc>,
+) -> Result<user::Model, ApiError> {
+    let row = user::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        email: Set(email.as_str().to_owned()),
+        password_hash: Set(password_hash),
+        is_verified: Set(false),
+        created_at: Set(now),
+        updated_at: Set(now),
+        last_login_at: Set(None),
+    };
+    row.insert(db).await.map_err(|e| match e.sql_err() {
+        Some(SqlErr::UniqueConstraintViolation(_)) => {
+            ApiError::new(ErrorCode::EmailTaken, "An account with this email already exists.")
+        }
+        _ => ApiError::from(e),
+    })
+}
 
 async fn user_id_by_email(db: &impl ConnectionTrait, email: &str) -> Result<Uuid, ApiError> {
     let email = Email::parse(email)?;

@@ -45,3 +45,58 @@ fn a_bad_variable_stops_start_up_naming_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("REDIS_URL"));
 }
+
+#[tokio::test]
+async fn user_create_reads_the_password_from_stdin_or_the_environment() {
+    use crate::helpers::{Backend, Resources, Store, TestApp};
+    use std::io::Write as _;
+
+    let resources = Resources::new(Backend::Sqlite, &Store::InProcess).await;
+    let url = resources.database_url.clone();
+
+    // From one line on stdin (not a terminal: no prompt, no confirmation).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["user", "create", "--email", "Root@Example.com", "--role", "admin"])
+        .env("DATABASE_URL", &url)
+        .env_remove("LATCHKEY_PASSWORD")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"correct horse battery staple\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["email"], "root@example.com");
+    assert_eq!(printed["roles"], serde_json::json!(["admin"]));
+
+    // From LATCHKEY_PASSWORD.
+    let out = Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["user", "create", "--email", "second@example.com"])
+        .env("DATABASE_URL", &url)
+        .env("LATCHKEY_PASSWORD", "another long password")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A short password is refused, naming the rule; a taken email too.
+    let out = Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["user", "create", "--email", "third@example.com"])
+        .env("DATABASE_URL", &url)
+        .env("LATCHKEY_PASSWORD", "short")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("password"));
+
+    let app = TestApp::spawn_on(resources, &[]).await;
+    let resp = app.login("root@example.com", "correct horse battery staple").await;
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let tokens: serde_json::Value = resp.json().await.unwrap();
+    let (_, claims) = crate::tokens::parts(tokens["access_token"].as_str().unwrap());
+    assert_eq!(claims["roles"], serde_json::json!(["admin"]));
+    let resp = app.login("second@example.com", "another long password").await;
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+}
