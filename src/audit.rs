@@ -165,3 +165,48 @@ async fn write(db: &DatabaseConnection, batch: &mut Vec<AuditEvent>) {
         }
     }
 }
+
+/// Deletes up to `batch` audit rows older than `before`; returns how many.
+pub async fn prune(
+    db: &DatabaseConnection,
+    before: DateTime<Utc>,
+    batch: u64,
+) -> Result<u64, sea_orm::DbErr> {
+    use sea_orm::{ColumnTrait as _, QueryFilter as _, QuerySelect as _};
+    let ids: Vec<Uuid> = audit_log::Entity::find()
+        .select_only()
+        .column(audit_log::Column::Id)
+        .filter(audit_log::Column::CreatedAt.lt(before))
+        .limit(batch)
+        .into_tuple()
+        .all(db)
+        .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let res = audit_log::Entity::delete_many().filter(audit_log::Column::Id.is_in(ids)).exec(db).await?;
+    Ok(res.rows_affected)
+}
+
+/// Every ten minutes, deletes audit rows older than `AUDIT_RETENTION`, in batches.
+pub fn spawn_pruner(state: std::sync::Weak<crate::state::AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            let Ok(retention) = chrono::Duration::from_std(state.config.audit_retention) else { return };
+            let before = state.clock.now() - retention;
+            loop {
+                match prune(&state.db, before, 1000).await {
+                    Ok(1000) => tokio::task::yield_now().await,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pruning the audit log failed; will retry");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}

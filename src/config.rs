@@ -109,6 +109,7 @@ pub struct Config {
     pub rate_limit_register_per_ip: Rate,
     pub rate_limit_refresh_per_ip: Rate,
     pub trusted_proxies: Vec<TrustedProxy>,
+    pub login_cooldown: crate::rate_limit::CooldownPolicy,
     pub database_max_connections: u32,
     pub database_min_connections: u32,
     pub database_acquire_timeout: Duration,
@@ -118,6 +119,10 @@ pub struct Config {
     pub password_hash_workers: usize,
     pub password_hash_queue: usize,
     pub max_body_bytes: usize,
+    pub http_body_timeout: Duration,
+    pub http_idle_timeout: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub audit_retention: Duration,
     pub shutdown_timeout: Duration,
     pub audit_queue_capacity: usize,
     pub log_format: LogFormat,
@@ -162,6 +167,11 @@ impl Config {
             rate_limit_register_per_ip: env.parse("RATE_LIMIT_REGISTER_PER_IP", "10/1m")?,
             rate_limit_refresh_per_ip: env.parse("RATE_LIMIT_REFRESH_PER_IP", "60/1m")?,
             trusted_proxies: env.list("TRUSTED_PROXIES")?,
+            login_cooldown: crate::rate_limit::CooldownPolicy {
+                threshold: env.parse("LOGIN_COOLDOWN_THRESHOLD", "5")?,
+                base_ms: millis(env.duration("LOGIN_COOLDOWN_BASE", "1s")?),
+                max_ms: millis(env.duration("LOGIN_COOLDOWN_MAX", "5m")?),
+            },
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", "10")?,
             database_min_connections: env.parse("DATABASE_MIN_CONNECTIONS", "1")?,
             database_acquire_timeout: env.duration("DATABASE_ACQUIRE_TIMEOUT", "3s")?,
@@ -171,6 +181,15 @@ impl Config {
             password_hash_workers: env.parse("PASSWORD_HASH_WORKERS", &cores.to_string())?,
             password_hash_queue: env.parse("PASSWORD_HASH_QUEUE", "64")?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", "65536")?,
+            http_body_timeout: env.duration("HTTP_BODY_TIMEOUT", "10s")?,
+            http_idle_timeout: env.duration("HTTP_IDLE_TIMEOUT", "60s")?,
+            metrics_addr: match env.string("METRICS_ADDR", "127.0.0.1:9100").as_str() {
+                "off" => None,
+                other => Some(
+                    other.parse().map_err(|e| invalid("METRICS_ADDR", format!("{other:?}: {e} (or off)")))?,
+                ),
+            },
+            audit_retention: env.duration("AUDIT_RETENTION", "90d")?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
             audit_queue_capacity: env.parse("AUDIT_QUEUE_CAPACITY", "10000")?,
             log_format: match env.string("LOG_FORMAT", "text").as_str() {
@@ -229,6 +248,15 @@ impl Config {
                 "must be at least 1 and at least DATABASE_MIN_CONNECTIONS".into(),
             ));
         }
+        if self.login_cooldown.threshold == 0 {
+            return Err(invalid("LOGIN_COOLDOWN_THRESHOLD", "must be at least 1".into()));
+        }
+        if self.login_cooldown.base_ms == 0 || self.login_cooldown.max_ms < self.login_cooldown.base_ms {
+            return Err(invalid(
+                "LOGIN_COOLDOWN_MAX",
+                "must be at least LOGIN_COOLDOWN_BASE, which must be positive".into(),
+            ));
+        }
         if self.audit_queue_capacity == 0 {
             return Err(invalid("AUDIT_QUEUE_CAPACITY", "must be at least 1".into()));
         }
@@ -244,6 +272,10 @@ impl Config {
     pub fn uses_sqlite(&self) -> bool {
         self.database_url.expose_secret().starts_with("sqlite:")
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn invalid(variable: &'static str, reason: String) -> ConfigError {

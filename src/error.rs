@@ -32,6 +32,7 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceUnavailable,
     Internal,
 }
@@ -51,6 +52,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::ServiceUnavailable => "service_unavailable",
             Self::Internal => "internal_error",
         }
@@ -69,6 +71,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -89,6 +92,7 @@ impl ErrorCode {
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
             Self::PayloadTooLarge => "The request body is too large",
+            Self::RequestTimeout => "The request took too long to arrive",
             Self::ServiceUnavailable => "Service temporarily unavailable",
             Self::Internal => "Internal server error",
         }
@@ -238,6 +242,7 @@ impl ApiResponse for ApiError {
                 ),
                 response(403, "`forbidden`.", vec![]),
                 response(404, "`not_found`.", vec![]),
+                response(408, "`request_timeout`: the body was not sent within `HTTP_BODY_TIMEOUT`.", vec![]),
                 response(409, "`email_taken`.", vec![]),
                 response(413, "`payload_too_large`.", vec![]),
                 response(429, "`rate_limited`.", vec![with_header("Retry-After", "seconds to wait")]),

@@ -13,21 +13,27 @@ use poem::middleware::{CatchPanic, Tracing};
 use poem::{Endpoint, EndpointExt as _, IntoResponse as _, Request, Response, Route, Server};
 use secrecy::ExposeSecret as _;
 
+use poem_openapi::OperationId;
+use tracing::Instrument as _;
+
 use crate::api;
 use crate::audit::{AuditWorker, Auditor};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCode, into_problem};
+use crate::metrics::{Metrics, Timed};
 use crate::password::PasswordHasher;
 use crate::service::sessions;
 use crate::state::AppState;
 use crate::store::db;
+use crate::store::limits::{LimitStore, MemoryLimits, RedisLimits};
 use crate::store::revocation::{MemoryStore, RedisStore, RevocationStore};
 use crate::token::KeyRing;
 
 pub struct Application {
     acceptor: TcpAcceptor,
     port: u16,
+    metrics_listener: Option<(TcpAcceptor, u16)>,
     state: Arc<AppState>,
     audit_worker: AuditWorker,
 }
@@ -35,50 +41,65 @@ pub struct Application {
 impl Application {
     /// Connects to SQL (required), applies migrations, makes sure a signing key exists,
     /// prepares the revocation store (Redis may be down: it connects on first use) and
-    /// binds the listener.
+    /// binds the listeners.
     pub async fn build(config: Config, clock: Clock) -> anyhow::Result<Self> {
-        let db = db::connect(&config).await.context("connecting to the database (DATABASE_URL)")?;
+        let metrics = Arc::new(Metrics::new());
+        let mut db = db::connect(&config).await.context("connecting to the database (DATABASE_URL)")?;
+        let db_metrics = Arc::clone(&metrics);
+        db.set_metric_callback(move |info| db_metrics.dependency("database", info.elapsed, !info.failed));
         db::migrate_and_prepare(&config, &db, clock.now())
             .await
             .context("applying migrations and preparing signing keys")?;
         let keys = KeyRing::load(&db, clock.now()).await.context("loading signing keys")?;
 
-        let store: Arc<dyn RevocationStore> = match &config.redis_url {
+        let (store, limits): (Arc<dyn RevocationStore>, Arc<dyn LimitStore>) = match &config.redis_url {
             Some(url) => {
-                tracing::info!("revocation store: Redis");
-                Arc::new(RedisStore::new(
+                tracing::info!("revocation store and rate limits: Redis");
+                let redis = RedisStore::new(
                     url.expose_secret(),
                     &config.redis_key_prefix,
                     config.redis_connect_timeout,
                     config.redis_response_timeout,
-                )?)
+                )?;
+                let limits: Arc<dyn LimitStore> =
+                    Arc::new(RedisLimits::new(redis.connection(), &config.redis_key_prefix));
+                let store: Arc<dyn RevocationStore> = Arc::new(redis);
+                let timed = |dependency| (Arc::clone(&metrics), dependency);
+                let (m, d) = timed("redis");
+                (
+                    Arc::new(Timed { inner: store, metrics: m.clone(), dependency: d }),
+                    Arc::new(Timed { inner: limits, metrics: m, dependency: d }),
+                )
             }
             None => {
                 tracing::warn!(
-                    "REDIS_URL is not set: using the in-process revocation store. Run a single \
-                     instance only; a restart ends every session."
+                    "REDIS_URL is not set: using the in-process revocation store and rate limits. \
+                     Run a single instance only; a restart ends every session."
                 );
                 let memory = Arc::new(MemoryStore::new());
-                spawn_sweeper(Arc::downgrade(&memory));
-                memory
+                let limits = Arc::new(MemoryLimits::default());
+                spawn_sweeper(Arc::downgrade(&memory), Arc::downgrade(&limits), clock.clone(), &config);
+                (memory, limits)
             }
         };
         let hasher = PasswordHasher::start(config.password_hash_workers, config.password_hash_queue)?;
 
-        let acceptor = TcpListener::bind(config.listen_addr)
-            .into_acceptor()
-            .await
-            .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
-        let port = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().map(|s| s.port()))
-            .context("reading the bound port")?;
+        let (acceptor, port) = bind(config.listen_addr, "LISTEN_ADDR").await?;
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(bind(addr, "METRICS_ADDR").await?),
+            None => None,
+        };
 
         let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity);
-        let state = Arc::new(AppState { config, db, store, keys, hasher, clock, audit });
+        let state = Arc::new(AppState { config, db, store, limits, keys, hasher, clock, audit, metrics });
         sessions::spawn_pruner(Arc::downgrade(&state));
-        Ok(Self { acceptor, port, state, audit_worker })
+        crate::audit::spawn_pruner(Arc::downgrade(&state));
+        Ok(Self { acceptor, port, metrics_listener, state, audit_worker })
+    }
+
+    /// The metrics listener's port, when it is enabled.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_listener.as_ref().map(|(_, port)| *port)
     }
 
     pub fn port(&self) -> u16 {
@@ -98,9 +119,38 @@ impl Application {
         let timeout = self.state.config.shutdown_timeout;
         let app = routes(Arc::clone(&self.state));
         tracing::info!(port = self.port, "listening");
+        // One shutdown signal for both servers.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let metrics_server = self.metrics_listener.map(|(acceptor, port)| {
+            tracing::info!(port, "metrics listening");
+            let state = Arc::clone(&self.state);
+            let endpoint = Route::new().at(
+                "/metrics",
+                poem::get(poem::endpoint::make(move |_| {
+                    let state = Arc::clone(&state);
+                    async move { state.metrics.encode(&state.audit) }
+                })),
+            );
+            tokio::spawn(Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+                endpoint,
+                stopped(stop_rx.clone()),
+                Some(Duration::from_secs(1)),
+            ))
+        });
         Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(app, shutdown, Some(timeout))
+            .idle_timeout(self.state.config.http_idle_timeout)
+            .run_with_graceful_shutdown(app, stopped(stop_rx), Some(timeout))
             .await?;
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
         self.audit_worker.shutdown().await;
         let db = self.state.db.clone();
         db.close().await.context("closing the database pool")?;
@@ -109,15 +159,34 @@ impl Application {
     }
 }
 
-fn spawn_sweeper(store: std::sync::Weak<MemoryStore>) {
+async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<(TcpAcceptor, u16)> {
+    let acceptor = TcpListener::bind(addr)
+        .into_acceptor()
+        .await
+        .with_context(|| format!("binding {variable} {addr}"))?;
+    let port = acceptor
+        .local_addr()
+        .first()
+        .and_then(|a| a.as_socket_addr().map(|s| s.port()))
+        .context("reading the bound port")?;
+    Ok((acceptor, port))
+}
+
+/// Frees the in-process stores' expired entries, so memory follows live use.
+fn spawn_sweeper(
+    store: std::sync::Weak<MemoryStore>,
+    limits: std::sync::Weak<MemoryLimits>,
+    clock: Clock,
+    config: &Config,
+) {
+    let memory = config.login_cooldown.memory_ms();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
-            match store.upgrade() {
-                Some(store) => store.sweep(),
-                None => return,
-            }
+            let (Some(store), Some(limits)) = (store.upgrade(), limits.upgrade()) else { return };
+            store.sweep();
+            limits.sweep(clock.now().timestamp_millis(), memory);
         }
     });
 }
@@ -128,11 +197,13 @@ pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
     let max_body = state.config.max_body_bytes;
+    let body_timeout = state.config.http_body_timeout;
     Route::new()
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api)
-        .around(move |ep, req| limit_body(ep, req, max_body))
+        .around(move |ep, req| limit_body(ep, req, max_body, body_timeout))
+        .around(observe)
         .data(state)
         .catch_all_error(|err| async move { into_problem(err) })
         .with(
@@ -144,8 +215,15 @@ pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
         .boxed()
 }
 
-/// Refuses bodies over `max` with 413, whether announced by `Content-Length` or streamed.
-async fn limit_body<E: Endpoint>(ep: Arc<E>, mut req: Request, max: usize) -> poem::Result<Response> {
+/// Reads the whole body up front (bodies here are small JSON): over `max` is 413, and a
+/// client that does not finish sending within `timeout` gets 408 instead of holding the
+/// connection.
+async fn limit_body<E: Endpoint>(
+    ep: Arc<E>,
+    mut req: Request,
+    max: usize,
+    timeout: Duration,
+) -> poem::Result<Response> {
     let too_large =
         || poem::Error::from(ApiError::new(ErrorCode::PayloadTooLarge, "The request body is too large."));
     let declared = req
@@ -153,16 +231,46 @@ async fn limit_body<E: Endpoint>(ep: Arc<E>, mut req: Request, max: usize) -> po
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    match declared {
+    let has_body = match declared {
         Some(len) if len > max as u64 => return Err(too_large()),
-        Some(_) => {}
-        None if req.headers().contains_key(header::TRANSFER_ENCODING) => {
-            let body = req.take_body().into_bytes_limit(max).await.map_err(|_| too_large())?;
-            req.set_body(body);
-        }
-        None => {}
+        Some(len) => len > 0,
+        None => req.headers().contains_key(header::TRANSFER_ENCODING),
+    };
+    if has_body {
+        let body = match tokio::time::timeout(timeout, req.take_body().into_bytes_limit(max)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(poem::error::ReadBodyError::PayloadTooLarge)) => return Err(too_large()),
+            Ok(Err(_)) => return Err(ApiError::validation("The request body could not be read.").into()),
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::RequestTimeout,
+                    "The request body was not sent in time.",
+                )
+                .into());
+            }
+        };
+        req.set_body(body);
     }
     Ok(ep.call(req).await?.into_response())
+}
+
+/// Counts and times every request by operation (the OpenAPI operation id, so paths with
+/// ids do not explode the label set).
+async fn observe<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+    let started = std::time::Instant::now();
+    let method = req.method().to_string();
+    let state = req.data::<Arc<AppState>>().cloned();
+    let docs = req.uri().path().starts_with("/docs") || req.uri().path() == "/openapi.json";
+    let result = ep.call(req).await.map(poem::IntoResponse::into_response);
+    if let Some(state) = state {
+        let (op, status) = match &result {
+            Ok(resp) => (resp.data::<OperationId>().map(|o| o.0), resp.status()),
+            Err(err) => (err.data::<OperationId>().map(|o| o.0), err.status()),
+        };
+        let route = op.unwrap_or(if docs { "docs" } else { "unmatched" });
+        state.metrics.http(route, &method, status.as_u16(), started.elapsed());
+    }
+    result
 }
 
 /// Every response carries an `X-Request-Id` (the caller's, when it sent a sane one);
@@ -178,8 +286,7 @@ async fn request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Respo
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let span = tracing::info_span!("request", request_id = %id);
-    let _guard = span.enter();
-    let mut resp = ep.call(req).await?.into_response();
+    let mut resp = ep.call(req).instrument(span).await?.into_response();
     if let Ok(value) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", value);
     }

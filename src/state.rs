@@ -7,7 +7,9 @@ use sea_orm::DatabaseConnection;
 use crate::audit::Auditor;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::password::PasswordHasher;
+use crate::store::limits::LimitStore;
 use crate::store::revocation::RevocationStore;
 use crate::token::KeyRing;
 
@@ -15,8 +17,10 @@ pub struct AppState {
     pub config: Config,
     pub db: DatabaseConnection,
     pub store: Arc<dyn RevocationStore>,
+    pub limits: Arc<dyn LimitStore>,
     pub keys: KeyRing,
     pub hasher: PasswordHasher,
     pub clock: Clock,
     pub audit: Auditor,
+    pub metrics: Arc<Metrics>,
 }

@@ -14,6 +14,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::limit::{self, Limit};
 use super::{ClientInfo, sessions, users};
 use crate::audit::AuditEvent;
 use crate::domain::{Email, Password};
@@ -54,6 +55,8 @@ pub async fn register(
     password: Password,
     client: &ClientInfo,
 ) -> Result<user::Model, ApiError> {
+    let rate = state.config.rate_limit_register_per_ip;
+    limit::charge(state, Limit::RegisterPerIp, &limit::ip_key(client), rate, client).await?;
     let password_hash = state.hasher.hash(password).await?;
     let now = state.clock.now();
     let created = match users::insert_user(&state.db, &email, password_hash, now).await {
@@ -73,27 +76,46 @@ pub fn invalid_credentials() -> ApiError {
     ApiError::new(ErrorCode::InvalidCredentials, "The email or password is incorrect.")
 }
 
+/// Logs in. Limits are charged first, before any hashing: the client's address, then the
+/// account (normalised email, whether or not it exists), then the account's cool-down.
 pub async fn login(
     state: &AppState,
-    email: Email,
+    raw_email: &str,
     password: Password,
     client: &ClientInfo,
 ) -> Result<Tokens, ApiError> {
+    let limits = &state.config;
+    limit::charge(state, Limit::LoginPerIp, &limit::ip_key(client), limits.rate_limit_login_per_ip, client)
+        .await?;
+    // The same normalisation as `Email::parse`, so a malformed address still has a budget.
+    let account_key = raw_email.trim().to_lowercase();
+    limit::charge(state, Limit::LoginPerAccount, &account_key, limits.rate_limit_login_per_account, client)
+        .await?;
+    limit::check_cooldown(state, &account_key, client).await?;
+
+    let now = state.clock.now();
+    let account_key = account_key.as_str();
+    let fail = |user_id: Option<Uuid>| async move {
+        state.metrics.login("invalid_credentials");
+        state.limits.record_failure(account_key, state.config.login_cooldown, now.timestamp_millis()).await?;
+        let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
+        if let Some(id) = user_id {
+            event = event.user(id);
+        }
+        state.audit.record(event);
+        Err::<Tokens, ApiError>(invalid_credentials())
+    };
+    // A malformed email cannot belong to an account: answered like a wrong password.
+    let Ok(email) = Email::parse(raw_email) else { return fail(None).await };
     let account = user::Entity::find().filter(user::Column::Email.eq(email.as_str())).one(&state.db).await?;
     // Unknown emails verify against the dummy hash: the same work, the same answer.
     let ok = state.hasher.verify(password, account.as_ref().map(|u| u.password_hash.as_str())).await?;
-    let now = state.clock.now();
     let account = match account {
         Some(account) if ok => account,
-        other => {
-            let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
-            if let Some(account) = other {
-                event = event.user(account.id);
-            }
-            state.audit.record(event);
-            return Err(invalid_credentials());
-        }
+        other => return fail(other.map(|a| a.id)).await,
     };
+    state.limits.clear_failures(account_key).await?;
+    state.metrics.login("success");
 
     let ttl = chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
     let session_id = Uuid::new_v4();
@@ -273,6 +295,8 @@ pub fn judge_reuse(
 }
 
 pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> Result<Tokens, ApiError> {
+    let rate = state.config.rate_limit_refresh_per_ip;
+    limit::charge(state, Limit::RefreshPerIp, &limit::ip_key(client), rate, client).await?;
     // A refresh token is 43 base64url characters; anything much longer cannot match.
     if presented.len() > 128 {
         return Err(refresh_refused("The refresh token is not valid."));

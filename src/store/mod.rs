@@ -2,4 +2,5 @@
 
 pub mod db;
 pub mod entity;
+pub mod limits;
 pub mod revocation;

@@ -20,8 +20,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
-#[error("revocation store unavailable: {0}")]
+#[error("store unavailable: {0}")]
 pub struct StoreError(String);
+
+impl StoreError {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self(reason.into())
+    }
+}
 
 /// What the store knows of a live session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +99,11 @@ impl RedisStore {
         let conn =
             ConnectionManager::new_lazy_with_config(client, config).map_err(|e| StoreError(e.to_string()))?;
         Ok(Self { conn, prefix: prefix.to_owned() })
+    }
+
+    /// The shared multiplexed connection, for the rate limiter.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     fn session_key(&self, id: Uuid) -> String {

@@ -158,6 +158,7 @@ async fn delete_redis_prefix(url: &str, prefix: &str) {
 /// A running server.
 pub struct TestApp {
     pub address: String,
+    pub metrics_address: Option<String>,
     pub client: reqwest::Client,
     pub state: Arc<AppState>,
     pub clock: Clock,
@@ -188,6 +189,7 @@ impl TestApp {
             ("REDIS_KEY_PREFIX".into(), resources.redis_prefix.clone()),
             ("PASSWORD_HASH_WORKERS".into(), "2".into()),
             ("DATABASE_MAX_CONNECTIONS".into(), "5".into()),
+            ("METRICS_ADDR".into(), "127.0.0.1:0".into()),
         ]);
         if let Some(url) = &resources.redis_url {
             map.insert("REDIS_URL".into(), url.clone());
@@ -199,13 +201,23 @@ impl TestApp {
         let clock = Clock::system();
         let app = Application::build(config, clock.clone()).await?;
         let address = format!("http://127.0.0.1:{}", app.port());
+        let metrics_address = app.metrics_port().map(|p| format!("http://127.0.0.1:{p}"));
         let state = app.state();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client");
-        Ok(Self { address, client, state, clock, resources, stop: Some(stop), server: Some(server) })
+        Ok(Self {
+            address,
+            metrics_address,
+            client,
+            state,
+            clock,
+            resources,
+            stop: Some(stop),
+            server: Some(server),
+        })
     }
 
     /// Stops the server gracefully and waits for it.

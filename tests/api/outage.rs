@@ -25,23 +25,30 @@ async fn starts_without_redis_fails_closed_and_heals_when_it_appears() {
     assert_eq!(body["checks"]["redis"], "unavailable", "{body}");
     assert_eq!(body["checks"]["database"], "ok", "{body}");
 
-    // Registration needs only SQL; login must make the session live, so it cannot pass.
-    assert_eq!(app.register("r@example.com", crate::helpers::PASSWORD).await.status(), StatusCode::CREATED);
-    let started = Instant::now();
-    let resp = app.login("r@example.com", crate::helpers::PASSWORD).await;
-    assert!(resp.headers().contains_key("retry-after"));
-    assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "failing closed must not hang: {:?}",
-        started.elapsed()
-    );
+    // Register and login are rate limited in Redis, and login must make the session live:
+    // without Redis they fail closed, quickly.
+    for register in [true, false] {
+        let started = Instant::now();
+        let resp = if register {
+            app.register("r@example.com", crate::helpers::PASSWORD).await
+        } else {
+            app.login("r@example.com", crate::helpers::PASSWORD).await
+        };
+        assert!(resp.headers().contains_key("retry-after"));
+        assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "failing closed must not hang: {:?}",
+            started.elapsed()
+        );
+    }
 
     redis.start().await;
     assert!(
         eventually(Duration::from_secs(10), || async { ready(&app).await.0 == StatusCode::OK }).await,
         "/ready did not recover without a restart"
     );
+    assert_eq!(app.register("r@example.com", crate::helpers::PASSWORD).await.status(), StatusCode::CREATED);
     let resp = app.login("r@example.com", crate::helpers::PASSWORD).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let tokens: Value = resp.json().await.unwrap();
@@ -69,6 +76,10 @@ async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
     let (status, body) = ready(&app).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["checks"]["redis"], "unavailable");
+    let metrics =
+        app.client.get(format!("{}/metrics", app.metrics_address.as_ref().unwrap())).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(metrics.contains(r#"latchkey_dependency_errors_total{dependency="redis"}"#), "{metrics}");
 
     // Back, empty (it keeps nothing on disk): the server reconnects by itself. The old
     // session's state is gone from Redis, so its token is refused as revoked, not passed.

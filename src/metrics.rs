@@ -1,0 +1,222 @@
+//! Prometheus metrics, served on a listener of their own (`METRICS_ADDR`), never on the
+//! public one. Each `Application` has its own registry (no global state, so tests can run
+//! many servers in one process).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DependencyLabels {
+    dependency: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~3.3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    logins: Family<OutcomeLabels, Counter>,
+    rate_limited: Family<LimitLabels, Counter>,
+    audit_depth: Gauge,
+    audit_dropped: Gauge,
+    dependency_errors: Family<DependencyLabels, Counter>,
+    dependency_latency: Family<DependencyLabels, Histogram, fn() -> Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("latchkey");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_latency =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let logins = Family::<OutcomeLabels, Counter>::default();
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        let audit_depth = Gauge::default();
+        let audit_dropped = Gauge::default();
+        let dependency_errors = Family::<DependencyLabels, Counter>::default();
+        let dependency_latency =
+            Family::<DependencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register("http_requests", "HTTP requests by route, method and status", requests.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            request_latency.clone(),
+        );
+        registry.register("logins", "Login attempts by outcome", logins.clone());
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit or the cool-down",
+            rate_limited.clone(),
+        );
+        registry.register("audit_queue_depth", "Audit events waiting to be written", audit_depth.clone());
+        registry.register(
+            "audit_events_dropped",
+            "Audit events dropped because the queue was full",
+            audit_dropped.clone(),
+        );
+        registry.register("dependency_errors", "Failed calls to SQL or Redis", dependency_errors.clone());
+        registry.register(
+            "dependency_duration_seconds",
+            "Latency of calls to SQL or Redis",
+            dependency_latency.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_latency,
+            logins,
+            rate_limited,
+            audit_depth,
+            audit_dropped,
+            dependency_errors,
+            dependency_latency,
+        }
+    }
+
+    pub fn http(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        let route = route.to_owned();
+        self.requests
+            .get_or_create(&RequestLabels { route: route.clone(), method: method.to_owned(), status })
+            .inc();
+        self.request_latency.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn login(&self, outcome: &str) {
+        self.logins.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    pub fn rate_limited(&self, limit: &str) {
+        self.rate_limited.get_or_create(&LimitLabels { limit: limit.to_owned() }).inc();
+    }
+
+    pub fn dependency(&self, dependency: &str, elapsed: Duration, ok: bool) {
+        let labels = DependencyLabels { dependency: dependency.to_owned() };
+        self.dependency_latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        if !ok {
+            self.dependency_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    /// The text exposition, with the audit queue's figures read at scrape time.
+    pub fn encode(&self, audit: &crate::audit::Auditor) -> String {
+        self.audit_depth.set(i64::try_from(audit.depth()).unwrap_or(i64::MAX));
+        self.audit_dropped.set(i64::try_from(audit.dropped()).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::error!("encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Times every call to the revocation and limit stores (Redis) as a dependency.
+pub struct Timed<T: ?Sized> {
+    pub inner: Arc<T>,
+    pub metrics: Arc<Metrics>,
+    pub dependency: &'static str,
+}
+
+impl<T: ?Sized> Timed<T> {
+    async fn time<R, E>(&self, call: impl std::future::Future<Output = Result<R, E>>) -> Result<R, E> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.metrics.dependency(self.dependency, started.elapsed(), result.is_ok());
+        result
+    }
+}
+
+mod timed_impls {
+    use async_trait::async_trait;
+    use uuid::Uuid;
+
+    use super::Timed;
+    use crate::config::Rate;
+    use crate::rate_limit::{CooldownPolicy, Decision};
+    use crate::store::limits::LimitStore;
+    use crate::store::revocation::{Activation, RevocationStore, SessionRecord, StoreError};
+
+    #[async_trait]
+    impl RevocationStore for Timed<dyn RevocationStore> {
+        fn kind(&self) -> &'static str {
+            self.inner.kind()
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.time(self.inner.ping()).await
+        }
+        async fn session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
+            self.time(self.inner.session(id)).await
+        }
+        async fn activate(&self, a: &Activation) -> Result<(), StoreError> {
+            self.time(self.inner.activate(a)).await
+        }
+        async fn revoke(&self, sessions: &[Uuid], jtis: &[Uuid]) -> Result<(), StoreError> {
+            self.time(self.inner.revoke(sessions, jtis)).await
+        }
+    }
+
+    #[async_trait]
+    impl LimitStore for Timed<dyn LimitStore> {
+        async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
+            self.time(self.inner.take(key, rate, now_ms)).await
+        }
+        async fn cooldown(&self, account: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+            self.time(self.inner.cooldown(account, now_ms)).await
+        }
+        async fn record_failure(
+            &self,
+            account: &str,
+            p: CooldownPolicy,
+            now_ms: i64,
+        ) -> Result<(), StoreError> {
+            self.time(self.inner.record_failure(account, p, now_ms)).await
+        }
+        async fn clear_failures(&self, account: &str) -> Result<(), StoreError> {
+            self.time(self.inner.clear_failures(account)).await
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Rate limits and the brute-force cool-down, against the real server.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem};
+
+async fn login_from(app: &TestApp, email: &str, password: &str, ip: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/auth/login"))
+        .header("x-forwarded-for", ip)
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn assert_limited(resp: reqwest::Response) -> (u64, Value) {
+    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    (retry, assert_problem(resp, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await)
+}
+
+macro_rules! both {
+    ($name:ident, $env:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn postgres_redis() {
+                super::$name(TestApp::spawn_with(Backend::Postgres, Store::Redis, $env).await).await;
+            }
+            #[tokio::test]
+            async fn sqlite_in_process() {
+                super::$name(TestApp::spawn_with(Backend::Sqlite, Store::InProcess, $env).await).await;
+            }
+        }
+    };
+}
+
+both!(
+    one_ip_trying_many_accounts_is_limited,
+    &[("RATE_LIMIT_LOGIN_PER_IP", "3/1m"), ("TRUSTED_PROXIES", "127.0.0.1")]
+);
+async fn one_ip_trying_many_accounts_is_limited(app: TestApp) {
+    assert_eq!(app.register("known@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    for email in ["known@example.com", "a@example.com", "b@example.com"] {
+        assert_eq!(
+            login_from(&app, email, "wrong password", "198.51.100.1").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let (retry, known) =
+        assert_limited(login_from(&app, "known@example.com", PASSWORD, "198.51.100.1").await).await;
+    assert!(retry <= 20, "3/1m refills a token every 20 s: {retry}");
+    let (_, unknown) =
+        assert_limited(login_from(&app, "c@example.com", PASSWORD, "198.51.100.1").await).await;
+    assert_eq!(known, unknown, "a 429 says nothing about the account");
+    // Another address has its own budget; time refills this one.
+    assert_eq!(
+        login_from(&app, "known@example.com", PASSWORD, "198.51.100.2").await.status(),
+        StatusCode::OK
+    );
+    app.clock.advance(Duration::from_secs(20));
+    assert_eq!(
+        login_from(&app, "known@example.com", PASSWORD, "198.51.100.1").await.status(),
+        StatusCode::OK
+    );
+}
+
+both!(
+    many_ips_trying_one_account_are_limited,
+    &[
+        ("RATE_LIMIT_LOGIN_PER_ACCOUNT", "3/1m"),
+        ("TRUSTED_PROXIES", "127.0.0.1"),
+        ("LOGIN_COOLDOWN_THRESHOLD", "100")
+    ]
+);
+async fn many_ips_trying_one_account_are_limited(app: TestApp) {
+    assert_eq!(app.register("target@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    for (email, body_of_known) in [("target@example.com", None::<Value>), ("ghost@example.com", None)] {
+        let _ = body_of_known;
+        for i in 0..3 {
+            let ip = format!("203.0.113.{i}");
+            assert_eq!(
+                login_from(&app, email, "wrong password", &ip).await.status(),
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        // Even the right password, from a fresh address, waits: the account's budget is spent.
+        assert_limited(login_from(&app, email, PASSWORD, "203.0.113.99").await).await;
+    }
+    // Normalised: case and spaces do not buy a new budget.
+    assert_limited(login_from(&app, "  TARGET@example.com ", PASSWORD, "203.0.113.100").await).await;
+}
+
+both!(
+    register_and_refresh_are_limited_per_ip,
+    &[("RATE_LIMIT_REGISTER_PER_IP", "2/1m"), ("RATE_LIMIT_REFRESH_PER_IP", "2/1m")]
+);
+async fn register_and_refresh_are_limited_per_ip(app: TestApp) {
+    assert_eq!(app.register("one@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    let tokens = app.login_with("one@example.com", &[]).await;
+    assert_eq!(app.register("two@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    assert_limited(app.register("three@example.com", PASSWORD).await).await;
+    let resp = app.refresh(&tokens.refresh).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let next: Value = resp.json().await.unwrap();
+    assert_eq!(app.refresh(next["refresh_token"].as_str().unwrap()).await.status(), StatusCode::OK);
+    assert_limited(app.refresh("anything").await).await;
+}
+
+both!(
+    cooldown_grows_and_resets,
+    &[("LOGIN_COOLDOWN_THRESHOLD", "3"), ("LOGIN_COOLDOWN_BASE", "2s"), ("LOGIN_COOLDOWN_MAX", "5s")]
+);
+async fn cooldown_grows_and_resets(app: TestApp) {
+    assert_eq!(app.register("slow@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    let fail = || app.login("slow@example.com", "wrong password");
+    for _ in 0..2 {
+        assert_eq!(fail().await.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        fail().await.status(),
+        StatusCode::UNAUTHORIZED,
+        "the third failure is answered, then cools down"
+    );
+    let (retry, _) = assert_limited(app.login("slow@example.com", PASSWORD).await).await;
+    assert_eq!(retry, 2);
+    app.clock.advance(Duration::from_secs(2));
+    assert_eq!(fail().await.status(), StatusCode::UNAUTHORIZED);
+    let (retry, _) = assert_limited(fail().await).await;
+    assert_eq!(retry, 4, "doubles");
+    app.clock.advance(Duration::from_secs(4));
+    assert_eq!(fail().await.status(), StatusCode::UNAUTHORIZED);
+    let (retry, _) = assert_limited(fail().await).await;
+    assert_eq!(retry, 5, "capped at LOGIN_COOLDOWN_MAX");
+    app.clock.advance(Duration::from_secs(5));
+    // A success resets the count.
+    assert_eq!(app.login("slow@example.com", PASSWORD).await.status(), StatusCode::OK);
+    assert_eq!(fail().await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(app.login("slow@example.com", PASSWORD).await.status(), StatusCode::OK);
+    // Unknown accounts cool down exactly the same way.
+    for _ in 0..3 {
+        assert_eq!(app.login("nobody@example.com", "x").await.status(), StatusCode::UNAUTHORIZED);
+    }
+    let (retry, _) = assert_limited(app.login("nobody@example.com", "x").await).await;
+    assert_eq!(retry, 2);
+}
+
+#[tokio::test]
+async fn two_instances_on_one_redis_share_one_budget() {
+    let env = [("RATE_LIMIT_LOGIN_PER_IP", "4/1m")];
+    let a = TestApp::spawn_with(Backend::Postgres, Store::Redis, &env).await;
+    let b = TestApp::spawn_on(a.resources.clone(), &env).await;
+    for app in [&a, &b, &a, &b] {
+        assert_eq!(app.login("x@example.com", "wrong password").await.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_limited(a.login("x@example.com", "wrong password").await).await;
+    assert_limited(b.login("y@example.com", "wrong password").await).await;
+}
+
+#[tokio::test]
+async fn rate_limited_requests_are_audited() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &[("RATE_LIMIT_REGISTER_PER_IP", "1/1m")])
+            .await;
+    assert_eq!(app.register("a@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    assert_limited(app.register("b@example.com", PASSWORD).await).await;
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(5), || async {
+            crate::sessions::audit_actions(&app)
+                .await
+                .contains(&("rate_limited".to_owned(), "register_per_ip".to_owned()))
+        })
+        .await
+    );
+}
