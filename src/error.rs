@@ -306,8 +306,18 @@ impl ApiError {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
-        use sea_orm::DbErr;
+        use sea_orm::sqlx::Error as Sqlx;
+        use sea_orm::{DbErr, RuntimeErr};
+        // A connection lost mid-query is as unavailable as one that cannot be had.
+        let lost = |e: &RuntimeErr| {
+            matches!(e, RuntimeErr::SqlxError(e) if matches!(**e,
+                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::WorkerCrashed))
+        };
         match &err {
+            DbErr::Exec(e) | DbErr::Query(e) if lost(e) => {
+                tracing::warn!(error = %err, "database unavailable");
+                ApiError::unavailable("The database is unavailable; try again shortly.")
+            }
             DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::unavailable("The database is unavailable; try again shortly.")

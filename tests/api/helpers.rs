@@ -51,6 +51,22 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Resources on a database the test provides itself.
+    pub fn on_database(database_url: String, store: &Store) -> Arc<Self> {
+        let redis_url = match store {
+            Store::InProcess => None,
+            Store::Redis => Some(shared_redis_url()),
+            Store::RedisAt(url) => Some(url.clone()),
+        };
+        Arc::new(Self {
+            database_url,
+            pg_database: None,
+            redis_prefix: format!("lktest:{}:", uuid::Uuid::new_v4().simple()),
+            redis_url,
+            _dir: tempfile::tempdir().expect("tempdir"),
+        })
+    }
+
     pub async fn new(backend: Backend, store: &Store) -> Arc<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (database_url, pg_database) = match backend {
@@ -432,5 +448,73 @@ impl TestApp {
     pub async fn user(&self, email: &str) -> Tokens {
         let _ = self.register(email, PASSWORD).await;
         self.login_with(email, &[]).await
+    }
+}
+
+/// A PostgreSQL cluster of the test's own (initdb on a free port), which the test can
+/// stop and start. Runs as the `postgres` user when the tests run as root.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let program = self.bin.join(program);
+        let as_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        let mut cmd = if as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        cmd.args(args).stdin(Stdio::null()).output().expect("run a PostgreSQL tool")
+    }
+
+    pub fn init() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL binaries in /usr/lib/postgresql")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::Builder::new().prefix("lk-pg-").tempdir().expect("tempdir");
+        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
+        let pg = Self { port: free_port(), dir, bin };
+        let data = pg.data();
+        let out = pg.run("initdb", &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        let out = self.run("pg_ctl", &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn stop(&self) {
+        let _ = self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -73,6 +73,9 @@ async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
         assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
         assert!(started.elapsed() < Duration::from_secs(5), "no hang: {:?}", started.elapsed());
     }
+    for resp in [app.refresh(&tokens.refresh).await, app.login("x@example.com", "some password").await] {
+        assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
+    }
     let (status, body) = ready(&app).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["checks"]["redis"], "unavailable");
@@ -96,4 +99,67 @@ async fn redis_going_away_makes_bearer_routes_503_until_it_returns() {
     .await;
     let (_, fresh) = app.signed_in_user().await;
     assert_eq!(app.get("/v1/users/me", Some(&fresh.access)).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn postgres_going_away_fails_closed_and_heals() {
+    use crate::helpers::PrivatePostgres;
+    let pg = tokio::task::spawn_blocking(|| {
+        let pg = PrivatePostgres::init();
+        pg.start();
+        pg
+    })
+    .await
+    .unwrap();
+    let resources = Resources::on_database(pg.url(), &Store::Redis);
+    let app = TestApp::spawn_on(resources, &[("DATABASE_ACQUIRE_TIMEOUT", "1s")]).await;
+    let (_, tokens) = app.signed_in_user().await;
+    assert_eq!(app.get("/v1/users/me", Some(&tokens.access)).await.status(), StatusCode::OK);
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        pg
+    })
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let resp = app.get("/v1/users/me", Some(&tokens.access)).await;
+        assert!(resp.headers().contains_key("retry-after"));
+        assert_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
+        assert!(started.elapsed() < Duration::from_secs(5), "no hang: {:?}", started.elapsed());
+    }
+    assert_problem(
+        app.refresh(&tokens.refresh).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+    )
+    .await;
+    assert_problem(
+        app.login("x@example.com", "whatever pw").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+    )
+    .await;
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["database"], "unavailable", "{body}");
+    assert_eq!(body["checks"]["redis"], "ok", "{body}");
+    // The bearer check itself needs no SQL: a session-only route keeps working.
+    assert_eq!(app.get("/v1/auth/session", Some(&tokens.access)).await.status(), StatusCode::OK);
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.start();
+        pg
+    })
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || async { ready(&app).await.0 == StatusCode::OK }).await,
+        "/ready did not recover without a restart"
+    );
+    assert_eq!(app.get("/v1/users/me", Some(&tokens.access)).await.status(), StatusCode::OK);
+    let resp = app.refresh(&tokens.refresh).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(pg);
 }
