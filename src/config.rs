@@ -101,6 +101,14 @@ pub struct Config {
     pub jwt_issuer: String,
     pub jwt_audience: String,
     pub jwt_client_id: String,
+    pub jwt_algorithm: jsonwebtoken::Algorithm,
+    pub jwt_secret: Option<SecretString>,
+    pub key_encryption_key: Option<SecretString>,
+    pub key_encryption_key_old: Option<SecretString>,
+    pub jwks_max_age: Duration,
+    pub keys_refresh_interval: Duration,
+    pub key_prepublish: Duration,
+    pub key_rotation_interval: Option<Duration>,
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
     pub refresh_reuse_grace: Duration,
@@ -159,6 +167,29 @@ impl Config {
             jwt_issuer: env.string("JWT_ISSUER", "http://localhost:8080"),
             jwt_audience: env.string("JWT_AUDIENCE", "latchkey"),
             jwt_client_id: env.string("JWT_CLIENT_ID", "latchkey"),
+            jwt_algorithm: {
+                let raw = env.string("JWT_ALGORITHM", "EdDSA");
+                crate::keys::parse_algorithm(&raw)
+                    .ok_or_else(|| invalid("JWT_ALGORITHM", format!("{raw:?}: expected EdDSA, ES256, RS256 or HS256")))?
+            },
+            jwt_secret: env.optional("JWT_SECRET").map(SecretString::from),
+            key_encryption_key: env.optional("KEY_ENCRYPTION_KEY").map(SecretString::from),
+            key_encryption_key_old: env.optional("KEY_ENCRYPTION_KEY_OLD").map(SecretString::from),
+            jwks_max_age: env.duration("JWKS_MAX_AGE", "5m")?,
+            keys_refresh_interval: env.duration("KEYS_REFRESH_INTERVAL", "30s")?,
+            key_prepublish: {
+                // Default: long enough that every cached JWKS has seen the new key.
+                let max_age = env.duration("JWKS_MAX_AGE", "5m")?;
+                let refresh = env.duration("KEYS_REFRESH_INTERVAL", "30s")?;
+                match env.optional("KEY_PREPUBLISH") {
+                    Some(_) => env.duration("KEY_PREPUBLISH", "")?,
+                    None => max_age + refresh,
+                }
+            },
+            key_rotation_interval: match env.string("KEY_ROTATION_INTERVAL", "off").as_str() {
+                "off" => None,
+                _ => Some(env.duration("KEY_ROTATION_INTERVAL", "off")?),
+            },
             access_token_ttl: env.duration("ACCESS_TOKEN_TTL", "15m")?,
             refresh_token_ttl: env.duration("REFRESH_TOKEN_TTL", "30d")?,
             refresh_reuse_grace: env.duration("REFRESH_REUSE_GRACE", "10s")?,
@@ -237,6 +268,33 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(name, "must be greater than zero".into()));
             }
+        }
+        match (self.jwt_algorithm, &self.jwt_secret) {
+            (jsonwebtoken::Algorithm::HS256, None) => {
+                return Err(invalid("JWT_SECRET", "must be set (at least 32 bytes) when JWT_ALGORITHM=HS256".into()));
+            }
+            (jsonwebtoken::Algorithm::HS256, Some(secret)) if secret.expose_secret().len() < 32 => {
+                return Err(invalid("JWT_SECRET", "must be at least 32 bytes".into()));
+            }
+            (jsonwebtoken::Algorithm::HS256, _) => {}
+            (_, Some(_)) => {
+                return Err(invalid("JWT_SECRET", "is only used with JWT_ALGORITHM=HS256; unset it".into()));
+            }
+            (_, None) => {}
+        }
+        for (name, value) in [("KEY_ENCRYPTION_KEY", &self.key_encryption_key), ("KEY_ENCRYPTION_KEY_OLD", &self.key_encryption_key_old)] {
+            if let Some(raw) = value {
+                crate::keys::parse_kek(raw.expose_secret()).map_err(|e| invalid(name, e))?;
+            }
+        }
+        if self.key_prepublish < self.jwks_max_age + self.keys_refresh_interval {
+            return Err(invalid(
+                "KEY_PREPUBLISH",
+                "must be at least JWKS_MAX_AGE + KEYS_REFRESH_INTERVAL, or verifiers with a cached key set would meet an unknown kid".into(),
+            ));
+        }
+        if self.keys_refresh_interval.is_zero() || self.keys_refresh_interval > Duration::from_secs(60) {
+            return Err(invalid("KEYS_REFRESH_INTERVAL", "must be between 1s and 60s".into()));
         }
         if self.access_token_ttl > self.refresh_token_ttl {
             return Err(invalid("ACCESS_TOKEN_TTL", "must not be longer than REFRESH_TOKEN_TTL".into()));
@@ -378,5 +436,20 @@ mod tests {
         assert!(one.contains("::1".parse().expect("ip")));
         let all: TrustedProxy = "0.0.0.0/0".parse().expect("cidr");
         assert!(all.contains("8.8.8.8".parse().expect("ip")));
+    }
+}
+
+impl Config {
+    /// The key settings, with the key-encryption keys decoded (validated at start).
+    pub fn key_settings(&self) -> crate::keys::KeySettings {
+        let kek = |raw: &Option<SecretString>| raw.as_ref().and_then(|r| crate::keys::parse_kek(r.expose_secret()).ok());
+        crate::keys::KeySettings {
+            algorithm: self.jwt_algorithm,
+            hmac_secret: self.jwt_secret.clone(),
+            kek: kek(&self.key_encryption_key),
+            old_kek: kek(&self.key_encryption_key_old),
+            prepublish: self.key_prepublish,
+            access_token_ttl: self.access_token_ttl,
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod keys;
 pub mod metrics;
 pub mod password;
 pub mod rate_limit;

@@ -28,7 +28,7 @@ use crate::state::AppState;
 use crate::store::db;
 use crate::store::limits::{LimitStore, MemoryLimits, RedisLimits};
 use crate::store::revocation::{MemoryStore, RedisStore, RevocationStore};
-use crate::token::KeyRing;
+use crate::keys::{KeyCache, KeyRing};
 
 pub struct Application {
     acceptor: TcpAcceptor,
@@ -50,7 +50,12 @@ impl Application {
         db::migrate_and_prepare(&config, &db, clock.now())
             .await
             .context("applying migrations and preparing signing keys")?;
-        let keys = KeyRing::load(&db, clock.now()).await.context("loading signing keys")?;
+        let key_settings = config.key_settings();
+        if key_settings.kek.is_none() && config.jwt_algorithm != jsonwebtoken::Algorithm::HS256 {
+            tracing::warn!("KEY_ENCRYPTION_KEY is not set: signing keys are stored in the database unencrypted");
+        }
+        let ring = KeyRing::load(&db, clock.now(), &key_settings).await.context("loading signing keys")?;
+        let keys = KeyCache::new(ring, key_settings);
 
         let (store, limits): (Arc<dyn RevocationStore>, Arc<dyn LimitStore>) = match &config.redis_url {
             Some(url) => {
@@ -94,6 +99,7 @@ impl Application {
         let state = Arc::new(AppState { config, db, store, limits, keys, hasher, clock, audit, metrics });
         sessions::spawn_pruner(Arc::downgrade(&state));
         crate::audit::spawn_pruner(Arc::downgrade(&state));
+        spawn_key_refresher(Arc::downgrade(&state));
         Ok(Self { acceptor, port, metrics_listener, state, audit_worker })
     }
 
@@ -157,6 +163,30 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Re-reads the signing keys every `KEYS_REFRESH_INTERVAL`, so a rotation made by any
+/// instance or by the CLI reaches this one within that bound; and, when
+/// `KEY_ROTATION_INTERVAL` is set, rotates when the newest key is that old.
+fn spawn_key_refresher(state: std::sync::Weak<AppState>) {
+    tokio::spawn(async move {
+        let Some(interval) = state.upgrade().map(|s| s.config.keys_refresh_interval) else { return };
+        let mut tick = tokio::time::interval(interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            let now = state.clock.now();
+            if let Some(every) = state.config.key_rotation_interval
+                && let Err(e) = db::rotate_if_due(&state.config, &state.db, now, every).await
+            {
+                tracing::warn!(error = %e, "automatic key rotation failed; will retry");
+            }
+            if let Err(e) = state.keys.reload(&state.db, now).await {
+                tracing::warn!(error = %e, "reloading signing keys failed; keeping the current set");
+            }
+        }
+    });
 }
 
 async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<(TcpAcceptor, u16)> {

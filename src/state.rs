@@ -11,14 +11,14 @@ use crate::metrics::Metrics;
 use crate::password::PasswordHasher;
 use crate::store::limits::LimitStore;
 use crate::store::revocation::RevocationStore;
-use crate::token::KeyRing;
+use crate::keys::KeyCache;
 
 pub struct AppState {
     pub config: Config,
     pub db: DatabaseConnection,
     pub store: Arc<dyn RevocationStore>,
     pub limits: Arc<dyn LimitStore>,
-    pub keys: KeyRing,
+    pub keys: KeyCache,
     pub hasher: PasswordHasher,
     pub clock: Clock,
     pub audit: Auditor,

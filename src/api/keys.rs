@@ -11,9 +11,6 @@ use super::ApiTags;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// How long verifiers may cache the key set.
-pub const JWKS_MAX_AGE_SECS: u64 = 300;
-
 /// One public key (RFC 7517 §4). Only the members of the key's own type are present.
 #[derive(Object, Serialize, Deserialize)]
 pub struct JsonWebKey {
@@ -61,13 +58,14 @@ impl KeysApi {
     /// Match the token header's `kid`; verify with the key's `alg` only.
     #[oai(path = "/.well-known/jwks.json", method = "get", operation_id = "jwks")]
     async fn jwks(&self, state: Data<&Arc<AppState>>) -> Result<JwksResponse, ApiError> {
-        let set = state.keys.jwks();
+        let set = state.keys.current().jwks(state.clock.now());
         let keys = set
             .keys
             .iter()
             .map(|k| serde_json::to_value(k).and_then(serde_json::from_value::<JsonWebKey>))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::internal)?;
-        Ok(JwksResponse::Ok(Json(JsonWebKeySet { keys }), format!("public, max-age={JWKS_MAX_AGE_SECS}")))
+        let max_age = state.config.jwks_max_age.as_secs();
+        Ok(JwksResponse::Ok(Json(JsonWebKeySet { keys }), format!("public, max-age={max_age}")))
     }
 }

@@ -241,7 +241,7 @@ async fn issue(
         roles,
     };
     Ok(Tokens {
-        access_token: state.keys.sign(&claims)?,
+        access_token: state.keys.current().sign(&claims, now)?,
         expires_in: seconds_until(now, exp),
         refresh_token,
         refresh_expires_in: seconds_until(now, session_expires_at),

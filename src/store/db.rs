@@ -59,13 +59,13 @@ pub async fn migrate_and_prepare(
 ) -> anyhow::Result<()> {
     if db.get_database_backend() != DbBackend::Postgres {
         Migrator::up(db, None).await?;
-        crate::token::ensure_signing_key(db, now).await?;
+        crate::keys::prepare(db, now, &config.key_settings()).await?;
         return Ok(());
     }
     let conn = locked_connection(config).await?;
     let result: anyhow::Result<()> = async {
         Migrator::up(&conn, None).await?;
-        crate::token::ensure_signing_key(&conn, now).await?;
+        crate::keys::prepare(&conn, now, &config.key_settings()).await?;
         Ok(())
     }
     .await;
@@ -95,4 +95,53 @@ async fn unlock(conn: &DatabaseConnection) -> Result<(), DbErr> {
         [MIGRATION_LOCK_KEY.into()],
     );
     conn.execute_raw(unlock).await.map(|_| ())
+}
+
+/// Rotates the signing key when the newest one is older than `every`; under the start-up
+/// lock on PostgreSQL, so instances do not rotate twice.
+pub async fn rotate_if_due(
+    config: &Config,
+    db: &DatabaseConnection,
+    now: chrono::DateTime<chrono::Utc>,
+    every: Duration,
+) -> anyhow::Result<bool> {
+    use sea_orm::{EntityTrait as _, QueryOrder as _};
+    let due = |newest: Option<crate::store::entity::signing_key::Model>| {
+        let every = chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX);
+        newest.is_some_and(|k| now - k.created_at >= every)
+    };
+    let newest = || {
+        crate::store::entity::signing_key::Entity::find()
+            .order_by_desc(crate::store::entity::signing_key::Column::CreatedAt)
+            .one(db)
+    };
+    if !due(newest().await?) {
+        return Ok(false);
+    }
+    let settings = config.key_settings();
+    if db.get_database_backend() != DbBackend::Postgres {
+        crate::keys::rotate(db, now, &settings).await?;
+        return Ok(true);
+    }
+    let conn = locked_connection(config).await?;
+    let result: anyhow::Result<bool> = async {
+        let newest = crate::store::entity::signing_key::Entity::find()
+            .order_by_desc(crate::store::entity::signing_key::Column::CreatedAt)
+            .one(&conn)
+            .await?;
+        if !due(newest) {
+            return Ok(false);
+        }
+        crate::keys::rotate(&conn, now, &settings).await?;
+        Ok(true)
+    }
+    .await;
+    let unlocked = unlock(&conn).await;
+    let _ = conn.close().await;
+    let rotated = result?;
+    unlocked?;
+    if rotated {
+        tracing::info!("rotated the signing key (KEY_ROTATION_INTERVAL)");
+    }
+    Ok(rotated)
 }

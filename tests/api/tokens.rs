@@ -71,7 +71,7 @@ async fn tampered_foreign_and_unsigned_tokens_are_invalid() {
     let tampered = format!("{}.{}.{signature}", b64(&header), b64(&forged_claims));
 
     // Signed by another Ed25519 key under the server's kid.
-    let other = latchkey::token::generate_ed25519(chrono::Utc::now()).unwrap();
+    let other = latchkey::keys::generate_ed25519(chrono::Utc::now()).unwrap();
     let mut h = Header::new(Algorithm::EdDSA);
     h.typ = Some("at+jwt".into());
     h.kid = header["kid"].as_str().map(str::to_owned);

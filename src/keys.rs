@@ -1,0 +1,578 @@
+//! Signing keys, signing, verification and the JWKS: the only module that touches
+//! jsonwebtoken.
+//!
+//! Access tokens are JWTs (RFC 9068: `typ: at+jwt`, header `kid`) signed with the
+//! algorithm of `JWT_ALGORITHM`: EdDSA (Ed25519, the default), ES256, RS256, or HS256 with
+//! an explicit `JWT_SECRET`. Asymmetric keys live in SQL (`signing_keys`, private keys
+//! sealed under `KEY_ENCRYPTION_KEY` when it is set), so every instance and every restart
+//! signs and verifies with the same keys. Each key is published from creation, signs from
+//! `activates_at` (so a rotation is pre-published for `KEY_PREPUBLISH`), and stays
+//! published until `retires_at`, after the last token it signed has expired. Each
+//! instance reloads the set every `KEYS_REFRESH_INTERVAL`. Verification pins the algorithm
+//! to the key's own and checks `typ`, `iss`, `aud` and `exp` against the server's clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use aws_lc_rs::encoding::AsDer as _;
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+use chrono::{DateTime, Utc};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use sea_orm::sea_query::{Expr, ExprTrait as _};
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, IntoActiveModel as _,
+    QueryFilter as _, QueryOrder as _,
+};
+use secrecy::{ExposeSecret as _, SecretBox, SecretString};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::store::entity::signing_key;
+use crate::token::AccessClaims;
+
+/// Clock skew tolerated on `exp`.
+pub const LEEWAY: Duration = Duration::from_secs(5);
+pub const ACCESS_TOKEN_TYPE: &str = "at+jwt";
+const SEALED_WITH: &str = "chacha20poly1305";
+
+/// A key-encryption key: 32 bytes.
+pub type Kek = SecretBox<[u8; 32]>;
+
+/// Everything about keys that comes from configuration.
+#[derive(Debug)]
+pub struct KeySettings {
+    pub algorithm: Algorithm,
+    pub hmac_secret: Option<SecretString>,
+    pub kek: Option<Kek>,
+    pub old_kek: Option<Kek>,
+    /// How long a new key is published before it signs.
+    pub prepublish: Duration,
+    /// How long a token lives (a retired key stays published this long, plus leeway).
+    pub access_token_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    #[error("signing key {kid}: {reason}")]
+    Invalid { kid: String, reason: String },
+    #[error("no usable signing key")]
+    NoSigner,
+    #[error("generating a key: {0}")]
+    Generate(String),
+}
+
+fn invalid(kid: &str, reason: impl std::fmt::Display) -> KeyError {
+    KeyError::Invalid { kid: kid.to_owned(), reason: reason.to_string() }
+}
+
+pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    match name {
+        "EdDSA" => Some(Algorithm::EdDSA),
+        "ES256" => Some(Algorithm::ES256),
+        "RS256" => Some(Algorithm::RS256),
+        "HS256" => Some(Algorithm::HS256),
+        _ => None,
+    }
+}
+
+pub fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::EdDSA => "EdDSA",
+        Algorithm::ES256 => "ES256",
+        Algorithm::RS256 => "RS256",
+        Algorithm::HS256 => "HS256",
+        _ => "unsupported",
+    }
+}
+
+/// PKCS#8 v1 prefix of an Ed25519 private key; the 32-byte seed follows (STACK trap 2).
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] =
+    [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+
+/// A new private key for `alg`, as PKCS#8 DER.
+fn generate_pkcs8(alg: Algorithm) -> Result<Vec<u8>, KeyError> {
+    let err = |e: aws_lc_rs::error::Unspecified| KeyError::Generate(e.to_string());
+    match alg {
+        Algorithm::EdDSA => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| KeyError::Generate(e.to_string()))?;
+            Ok([ED25519_PKCS8_V1_PREFIX.as_slice(), &seed].concat())
+        }
+        Algorithm::ES256 => {
+            let rng = aws_lc_rs::rand::SystemRandom::new();
+            let doc = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &rng,
+            )
+            .map_err(err)?;
+            Ok(doc.as_ref().to_vec())
+        }
+        Algorithm::RS256 => {
+            let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).map_err(err)?;
+            Ok(pair.as_der().map_err(err)?.as_ref().to_vec())
+        }
+        other => Err(KeyError::Generate(format!("{other:?} keys are not generated"))),
+    }
+}
+
+fn encoding_key(alg: Algorithm, pkcs8: &[u8]) -> Result<EncodingKey, jsonwebtoken::errors::Error> {
+    match alg {
+        Algorithm::EdDSA => Ok(EncodingKey::from_ed_der(pkcs8)),
+        Algorithm::ES256 => Ok(EncodingKey::from_ec_der(pkcs8)),
+        // jsonwebtoken wants PKCS#1 DER for RSA; its PEM reader unwraps PKCS#8.
+        _ => {
+            let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", STANDARD.encode(pkcs8));
+            EncodingKey::from_rsa_pem(pem.as_bytes())
+        }
+    }
+}
+
+/// RFC 7638 thumbprint: SHA-256 over the required members in lexicographic order.
+pub fn thumbprint(jwk: &Jwk) -> Option<String> {
+    let canonical = match &jwk.algorithm {
+        AlgorithmParameters::OctetKeyPair(k) => format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, k.x),
+        AlgorithmParameters::EllipticCurve(k) => format!(r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#, k.x, k.y),
+        AlgorithmParameters::RSA(k) => format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, k.e, k.n),
+        _ => return None,
+    };
+    Some(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes())))
+}
+
+/// The public JWK of a private key, with `kid` (its thumbprint), `alg` and `use: sig`.
+fn public_jwk(alg: Algorithm, encoding: &EncodingKey) -> Result<Jwk, KeyError> {
+    let mut jwk = Jwk::from_encoding_key(encoding, alg).map_err(|e| invalid("(new)", e))?;
+    let kid = thumbprint(&jwk).ok_or_else(|| invalid("(new)", "not an asymmetric key"))?;
+    jwk.common.key_id = Some(kid);
+    jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+    Ok(jwk)
+}
+
+fn seal(kek: &Kek, kid: &str, plain: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(kek.expose_secret().into());
+    let mut nonce = [0u8; 12];
+    getrandom::fill(&mut nonce).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let sealed = cipher
+        .encrypt(&nonce.into(), Payload { msg: plain, aad: kid.as_bytes() })
+        .map_err(|_| invalid(kid, "sealing the private key failed"))?;
+    Ok([nonce.as_slice(), &sealed].concat())
+}
+
+fn unseal(kek: &Kek, kid: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+    let (nonce, ciphertext) = sealed.split_at_checked(12)?;
+    let nonce: [u8; 12] = nonce.try_into().ok()?;
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(kek.expose_secret().into());
+    cipher.decrypt(&nonce.into(), Payload { msg: ciphertext, aad: kid.as_bytes() }).ok()
+}
+
+/// A new key as a `signing_keys` row: published now, signing from `activates_at`.
+pub fn generate(
+    alg: Algorithm,
+    now: DateTime<Utc>,
+    activates_at: DateTime<Utc>,
+    kek: Option<&Kek>,
+) -> Result<signing_key::Model, KeyError> {
+    let pkcs8 = generate_pkcs8(alg)?;
+    let encoding = encoding_key(alg, &pkcs8).map_err(|e| invalid("(new)", e))?;
+    let jwk = public_jwk(alg, &encoding)?;
+    let kid = jwk.common.key_id.clone().unwrap_or_default();
+    let public_jwk = serde_json::to_string(&jwk).map_err(|e| invalid(&kid, e))?;
+    let (private_key, private_key_encryption) = match kek {
+        Some(kek) => (seal(kek, &kid, &pkcs8)?, Some(SEALED_WITH.to_owned())),
+        None => (pkcs8, None),
+    };
+    Ok(signing_key::Model {
+        kid,
+        algorithm: algorithm_name(alg).to_owned(),
+        public_jwk,
+        private_key,
+        private_key_encryption,
+        created_at: now,
+        activates_at,
+        retires_at: None,
+    })
+}
+
+/// An Ed25519 key active from `now`, in clear: what tests use to forge foreign tokens.
+pub fn generate_ed25519(now: DateTime<Utc>) -> Result<signing_key::Model, KeyError> {
+    generate(Algorithm::EdDSA, now, now, None)
+}
+
+/// The private key of a row in clear, with the current or the previous KEK.
+fn private_key(row: &signing_key::Model, settings: &KeySettings) -> Result<Vec<u8>, KeyError> {
+    if row.private_key_encryption.is_none() {
+        return Ok(row.private_key.clone());
+    }
+    [settings.kek.as_ref(), settings.old_kek.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|kek| unseal(kek, &row.kid, &row.private_key))
+        .ok_or_else(|| {
+            invalid(&row.kid, "the private key is sealed and KEY_ENCRYPTION_KEY (or KEY_ENCRYPTION_KEY_OLD) does not open it")
+        })
+}
+
+/// Start-up work under the start-up lock: seal keys under the current KEK (re-sealing
+/// those under the old one), and make sure a key of the configured algorithm exists.
+/// Any such key not yet retired counts, even one that activates a moment from now (the
+/// instance that made it may have a clock slightly ahead of ours).
+pub async fn prepare(db: &impl ConnectionTrait, now: DateTime<Utc>, settings: &KeySettings) -> Result<(), KeyError> {
+    let rows = signing_key::Entity::find().all(db).await?;
+    for row in &rows {
+        let want_sealed = settings.kek.is_some();
+        let sealed_now = row.private_key_encryption.is_some();
+        let under_current = sealed_now
+            && settings.kek.as_ref().is_some_and(|kek| unseal(kek, &row.kid, &row.private_key).is_some());
+        if want_sealed && !under_current || !want_sealed && sealed_now {
+            let plain = private_key(row, settings)?;
+            let (bytes, how) = match &settings.kek {
+                Some(kek) => (seal(kek, &row.kid, &plain)?, Some(SEALED_WITH.to_owned())),
+                None => (plain, None),
+            };
+            signing_key::Entity::update_many()
+                .col_expr(signing_key::Column::PrivateKey, Expr::value(bytes))
+                .col_expr(signing_key::Column::PrivateKeyEncryption, Expr::value(how))
+                .filter(signing_key::Column::Kid.eq(row.kid.clone()))
+                .exec(db)
+                .await?;
+            tracing::info!(kid = %row.kid, sealed = want_sealed, "re-wrote a signing key under the current key-encryption key");
+        }
+    }
+    if settings.algorithm == Algorithm::HS256 {
+        return Ok(());
+    }
+    let name = algorithm_name(settings.algorithm);
+    let usable = rows.iter().any(|k| k.algorithm == name && k.retires_at.is_none_or(|r| r > now));
+    if !usable {
+        let row = generate(settings.algorithm, now, now, settings.kek.as_ref())?;
+        let kid = row.kid.clone();
+        row.into_active_model().insert(db).await?;
+        tracing::info!(%kid, algorithm = name, "generated a new signing key");
+    }
+    Ok(())
+}
+
+/// Publishes a new key now, signing after `prepublish`; every current key of the same
+/// algorithm retires once the tokens it can still sign have expired. Returns the new row.
+pub async fn rotate(db: &impl ConnectionTrait, now: DateTime<Utc>, settings: &KeySettings) -> Result<signing_key::Model, KeyError> {
+    if settings.algorithm == Algorithm::HS256 {
+        return Err(KeyError::Generate("HS256 uses JWT_SECRET; rotate it by changing the secret".into()));
+    }
+    let prepublish = chrono::Duration::from_std(settings.prepublish).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let lifetime =
+        chrono::Duration::from_std(settings.access_token_ttl + LEEWAY).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let row = generate(settings.algorithm, now, now + prepublish, settings.kek.as_ref())?;
+    let retires_at = row.activates_at + lifetime;
+    signing_key::Entity::update_many()
+        .col_expr(signing_key::Column::RetiresAt, Expr::value(retires_at))
+        .filter(signing_key::Column::RetiresAt.is_null())
+        .exec(db)
+        .await?;
+    row.clone().into_active_model().insert(db).await?;
+    Ok(row)
+}
+
+/// A key this instance can verify with, and sign with once active.
+struct Key {
+    kid: String,
+    alg: Algorithm,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    /// `None` for HMAC: never published.
+    public: Option<Jwk>,
+    activates_at: DateTime<Utc>,
+    retires_at: Option<DateTime<Utc>>,
+}
+
+impl Key {
+    fn live(&self, now: DateTime<Utc>) -> bool {
+        self.retires_at.is_none_or(|r| r > now)
+    }
+
+    fn from_row(row: &signing_key::Model, settings: &KeySettings) -> Result<Self, KeyError> {
+        let alg = parse_algorithm(&row.algorithm)
+            .filter(|a| *a != Algorithm::HS256)
+            .ok_or_else(|| invalid(&row.kid, format!("unsupported algorithm {}", row.algorithm)))?;
+        let pkcs8 = private_key(row, settings)?;
+        let encoding = encoding_key(alg, &pkcs8).map_err(|e| invalid(&row.kid, e))?;
+        let public: Jwk = serde_json::from_str(&row.public_jwk).map_err(|e| invalid(&row.kid, e))?;
+        // The published key must be the private key's own.
+        let derived = public_jwk(alg, &encoding)?;
+        if derived.algorithm != public.algorithm {
+            return Err(invalid(&row.kid, "the public key does not match the private key"));
+        }
+        let decoding = DecodingKey::from_jwk(&public).map_err(|e| invalid(&row.kid, e))?;
+        Ok(Key {
+            kid: row.kid.clone(),
+            alg,
+            encoding,
+            decoding,
+            public: Some(public),
+            activates_at: row.activates_at,
+            retires_at: row.retires_at,
+        })
+    }
+
+    fn hmac(secret: &SecretString) -> Self {
+        let bytes = secret.expose_secret().as_bytes();
+        let digest = Sha256::digest([b"latchkey-hs256-kid:".as_slice(), bytes].concat());
+        Key {
+            kid: format!("hs256-{}", &URL_SAFE_NO_PAD.encode(digest)[..16]),
+            alg: Algorithm::HS256,
+            encoding: EncodingKey::from_secret(bytes),
+            decoding: DecodingKey::from_secret(bytes),
+            public: None,
+            activates_at: DateTime::<Utc>::UNIX_EPOCH,
+            retires_at: None,
+        }
+    }
+}
+
+/// The keys this instance signs and verifies with, at one moment.
+pub struct KeyRing {
+    algorithm: Algorithm,
+    /// Newest activation first.
+    keys: Vec<Arc<Key>>,
+    by_kid: HashMap<String, Arc<Key>>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing").field("kids", &self.by_kid.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl KeyRing {
+    /// Every key not yet retired, and the HMAC key when HS256 is configured.
+    pub async fn load(db: &impl ConnectionTrait, now: DateTime<Utc>, settings: &KeySettings) -> Result<Self, KeyError> {
+        let rows = signing_key::Entity::find()
+            .filter(signing_key::Column::RetiresAt.is_null().or(signing_key::Column::RetiresAt.gt(now)))
+            .order_by_desc(signing_key::Column::ActivatesAt)
+            .order_by_asc(signing_key::Column::Kid)
+            .all(db)
+            .await?;
+        let mut keys = Vec::with_capacity(rows.len() + 1);
+        if settings.algorithm == Algorithm::HS256 {
+            let secret = settings.hmac_secret.as_ref().ok_or(KeyError::NoSigner)?;
+            keys.push(Arc::new(Key::hmac(secret)));
+        }
+        for row in &rows {
+            keys.push(Arc::new(Key::from_row(row, settings)?));
+        }
+        let by_kid = keys.iter().map(|k| (k.kid.clone(), Arc::clone(k))).collect();
+        let ring = Self { algorithm: settings.algorithm, keys, by_kid };
+        ring.signer(now).ok_or(KeyError::NoSigner)?;
+        Ok(ring)
+    }
+
+    /// The newest active key of the configured algorithm; if clock skew between instances
+    /// leaves the only one a moment in the future, the earliest of them.
+    fn signer(&self, now: DateTime<Utc>) -> Option<&Arc<Key>> {
+        let candidates = || self.keys.iter().filter(|k| k.alg == self.algorithm && k.live(now));
+        candidates().find(|k| k.activates_at <= now).or_else(|| candidates().min_by_key(|k| k.activates_at))
+    }
+
+    /// The public keys at `now` (RFC 7517). Empty with HS256: the secret is never published.
+    pub fn jwks(&self, now: DateTime<Utc>) -> JwkSet {
+        let mut keys: Vec<Jwk> = self.keys.iter().filter(|k| k.live(now)).filter_map(|k| k.public.clone()).collect();
+        keys.sort_by(|a, b| a.common.key_id.cmp(&b.common.key_id));
+        JwkSet { keys }
+    }
+
+    pub fn sign(&self, claims: &AccessClaims, now: DateTime<Utc>) -> Result<String, ApiError> {
+        let key = self.signer(now).ok_or_else(|| ApiError::internal("no signing key is active"))?;
+        let mut header = Header::new(key.alg);
+        header.typ = Some(ACCESS_TOKEN_TYPE.into());
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(ApiError::internal)
+    }
+
+    /// The key a token names, with its algorithm pinned; `None` for anything else.
+    fn key_for(&self, token: &str, now: DateTime<Utc>) -> Option<&Arc<Key>> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let key = self.by_kid.get(header.kid.as_deref()?)?;
+        let typ_ok = header
+            .typ
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt"));
+        (header.alg == key.alg && key.live(now) && typ_ok).then_some(key)
+    }
+
+    /// Signature (algorithm pinned to the key's own), `typ`, `iss`, `aud`, then `exp`
+    /// against `now`. Says nothing about revocation: that is the store's question.
+    pub fn verify(&self, token: &str, issuer: &str, audience: &str, now: DateTime<Utc>) -> Result<AccessClaims, ApiError> {
+        let key = self
+            .key_for(token, now)
+            .ok_or_else(|| ApiError::invalid_token("The token is malformed or not signed by a known key."))?;
+        let mut validation = Validation::new(key.alg);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // Expiry is checked below against the server's clock, so tests can control time.
+        validation.validate_exp = false;
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
+            .map_err(|_| ApiError::invalid_token("The token's signature or claims are not valid."))?;
+        let claims = data.claims;
+        let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(0);
+        if now.timestamp() > claims.exp.saturating_add(leeway) {
+            return Err(ApiError::new(ErrorCode::TokenExpired, "The access token has expired; refresh it."));
+        }
+        Ok(claims)
+    }
+}
+
+/// The current `KeyRing`, swapped whole on reload.
+pub struct KeyCache {
+    ring: RwLock<Arc<KeyRing>>,
+    pub settings: KeySettings,
+}
+
+impl KeyCache {
+    pub fn new(ring: KeyRing, settings: KeySettings) -> Self {
+        Self { ring: RwLock::new(Arc::new(ring)), settings }
+    }
+
+    pub fn current(&self) -> Arc<KeyRing> {
+        match self.ring.read() {
+            Ok(ring) => Arc::clone(&ring),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Re-reads `signing_keys`; on failure the previous ring stays in use.
+    pub async fn reload(&self, db: &impl ConnectionTrait, now: DateTime<Utc>) -> Result<(), KeyError> {
+        let ring = Arc::new(KeyRing::load(db, now, &self.settings).await?);
+        match self.ring.write() {
+            Ok(mut slot) => *slot = ring,
+            Err(poisoned) => *poisoned.into_inner() = ring,
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache").field("ring", &self.current()).finish_non_exhaustive()
+    }
+}
+
+/// Decodes `KEY_ENCRYPTION_KEY`: 32 bytes, base64 (standard or URL-safe).
+pub fn parse_kek(raw: &str) -> Result<Kek, String> {
+    let raw = raw.trim();
+    let bytes = STANDARD
+        .decode(raw)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(raw.trim_end_matches('=')))
+        .map_err(|_| "must be 32 bytes, base64-encoded (e.g. `openssl rand -base64 32`)".to_owned())?;
+    let key: [u8; 32] =
+        bytes.try_into().map_err(|_| "must be exactly 32 bytes, base64-encoded (`openssl rand -base64 32`)".to_owned())?;
+    Ok(SecretBox::new(Box::new(key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(alg: Algorithm) -> KeySettings {
+        KeySettings {
+            algorithm: alg,
+            hmac_secret: Some(SecretString::from("x".repeat(32))),
+            kek: None,
+            old_kek: None,
+            prepublish: Duration::from_secs(330),
+            access_token_ttl: Duration::from_secs(900),
+        }
+    }
+
+    fn ring(alg: Algorithm) -> KeyRing {
+        let now = Utc::now();
+        let s = settings(alg);
+        let mut keys = Vec::new();
+        if alg == Algorithm::HS256 {
+            keys.push(Arc::new(Key::hmac(s.hmac_secret.as_ref().expect("secret"))));
+        } else {
+            let row = generate(alg, now, now, None).expect("key");
+            keys.push(Arc::new(Key::from_row(&row, &s).expect("load")));
+        }
+        let by_kid = keys.iter().map(|k| (k.kid.clone(), Arc::clone(k))).collect();
+        KeyRing { algorithm: alg, keys, by_kid }
+    }
+
+    fn claims(now: DateTime<Utc>) -> AccessClaims {
+        AccessClaims {
+            iss: "http://issuer".into(),
+            aud: "aud".into(),
+            sub: uuid::Uuid::new_v4(),
+            client_id: "latchkey".into(),
+            sid: uuid::Uuid::new_v4(),
+            jti: uuid::Uuid::new_v4(),
+            iat: now.timestamp(),
+            exp: now.timestamp() + 900,
+            roles: vec![],
+        }
+    }
+
+    #[test]
+    fn every_algorithm_signs_and_verifies_with_kid_and_typ() {
+        for alg in [Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256, Algorithm::HS256] {
+            let ring = ring(alg);
+            let now = Utc::now();
+            let c = claims(now);
+            let token = ring.sign(&c, now).expect("sign");
+            let header = jsonwebtoken::decode_header(&token).expect("header");
+            assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+            assert_eq!(header.alg, alg);
+            assert_eq!(ring.verify(&token, "http://issuer", "aud", now).expect("verify"), c, "{alg:?}");
+            let published = ring.jwks(now).keys.len();
+            assert_eq!(published, usize::from(alg != Algorithm::HS256), "{alg:?}: the HMAC secret is never published");
+        }
+    }
+
+    #[test]
+    fn refuses_wrong_issuer_audience_and_expiry() {
+        let ring = ring(Algorithm::EdDSA);
+        let now = Utc::now();
+        let token = ring.sign(&claims(now), now).expect("sign");
+        assert_eq!(ring.verify(&token, "http://other", "aud", now).unwrap_err().code, ErrorCode::InvalidToken);
+        assert_eq!(ring.verify(&token, "http://issuer", "other", now).unwrap_err().code, ErrorCode::InvalidToken);
+        let later = now + chrono::Duration::seconds(900 + 6);
+        assert_eq!(ring.verify(&token, "http://issuer", "aud", later).unwrap_err().code, ErrorCode::TokenExpired);
+        let within_leeway = now + chrono::Duration::seconds(900 + 4);
+        assert!(ring.verify(&token, "http://issuer", "aud", within_leeway).is_ok());
+    }
+
+    #[test]
+    fn kid_is_the_rfc7638_thumbprint() {
+        // RFC 8037 appendix A.3: the thumbprint of its example Ed25519 key.
+        let jwk: Jwk = serde_json::from_str(
+            r#"{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}"#,
+        )
+        .expect("jwk");
+        assert_eq!(thumbprint(&jwk).as_deref(), Some("kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"));
+        // RFC 7638 section 3.1: its example RSA key.
+        let rsa: Jwk = serde_json::from_str(r#"{"kty":"RSA","e":"AQAB","n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"}"#).expect("jwk");
+        assert_eq!(thumbprint(&rsa).as_deref(), Some("NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"));
+    }
+
+    #[test]
+    fn private_keys_are_sealed_under_the_kek() {
+        let kek = parse_kek(&STANDARD.encode([7u8; 32])).expect("kek");
+        let now = Utc::now();
+        let row = generate(Algorithm::EdDSA, now, now, Some(&kek)).expect("key");
+        assert_eq!(row.private_key_encryption.as_deref(), Some(SEALED_WITH));
+        let mut s = settings(Algorithm::EdDSA);
+        assert!(Key::from_row(&row, &s).is_err(), "no KEK: refused, not used in clear");
+        s.kek = Some(kek);
+        assert!(Key::from_row(&row, &s).is_ok());
+        let other = parse_kek(&STANDARD.encode([8u8; 32])).expect("kek");
+        s.old_kek = s.kek.take();
+        s.kek = Some(other);
+        assert!(Key::from_row(&row, &s).is_ok(), "the old KEK still opens it during a KEK rotation");
+        assert!(parse_kek("short").is_err());
+    }
+}
