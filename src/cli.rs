@@ -35,6 +35,36 @@ pub enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// Manage signing keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Manage OAuth clients (for introspection).
+    Client {
+        #[command(subcommand)]
+        action: ClientAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// List keys: kid, algorithm, state, activation and retirement.
+    List,
+    /// Make sure a signing key of JWT_ALGORITHM exists (first start does this too).
+    Generate,
+    /// Publish a new key now; it signs after KEY_PREPUBLISH, and the current one retires
+    /// once its last token has expired.
+    Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientAction {
+    /// Register a confidential client; prints its id and secret once, as JSON.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,4 +164,74 @@ fn read_password() -> anyhow::Result<String> {
     stdin.lock().read_line(&mut line).context("reading the password from standard input")?;
     let password = line.strip_suffix('\n').unwrap_or(&line);
     Ok(password.strip_suffix('\r').unwrap_or(password).to_owned())
+}
+
+pub async fn keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
+    let conn = db::connect_with(config, 1).await.context("connecting to the database (DATABASE_URL)")?;
+    let now = chrono::Utc::now();
+    db::migrate_and_prepare(config, &conn, now).await?;
+    match action {
+        KeysAction::List => {
+            use sea_orm::{EntityTrait as _, QueryOrder as _};
+            let rows = crate::store::entity::signing_key::Entity::find()
+                .order_by_asc(crate::store::entity::signing_key::Column::CreatedAt)
+                .all(&conn)
+                .await?;
+            println!(
+                "{:<44} {:<6} {:<9} {:<25} {:<25} sealed",
+                "kid", "alg", "state", "activates_at", "retires_at"
+            );
+            for k in rows {
+                let state = match (k.activates_at <= now, k.retires_at) {
+                    (_, Some(r)) if r <= now => "retired",
+                    (false, _) => "pending",
+                    (true, Some(_)) => "retiring",
+                    (true, None) => "active",
+                };
+                let retires = k.retires_at.map_or_else(|| "-".to_owned(), |r| r.to_rfc3339());
+                let sealed = if k.private_key_encryption.is_some() { "yes" } else { "no" };
+                println!(
+                    "{:<44} {:<6} {:<9} {:<25} {:<25} {sealed}",
+                    k.kid,
+                    k.algorithm,
+                    state,
+                    k.activates_at.to_rfc3339(),
+                    retires
+                );
+            }
+        }
+        KeysAction::Generate => {
+            println!("a signing key of {} exists", crate::keys::algorithm_name(config.jwt_algorithm))
+        }
+        KeysAction::Rotate => {
+            db::rotate_if_due(config, &conn, now, std::time::Duration::ZERO).await?;
+            use sea_orm::{EntityTrait as _, QueryOrder as _};
+            let newest = crate::store::entity::signing_key::Entity::find()
+                .order_by_desc(crate::store::entity::signing_key::Column::CreatedAt)
+                .one(&conn)
+                .await?
+                .context("no key after rotation")?;
+            let printed = serde_json::json!({
+                "kid": newest.kid,
+                "algorithm": newest.algorithm,
+                "activates_at": newest.activates_at.to_rfc3339(),
+            });
+            println!("{printed}");
+        }
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+pub async fn client(config: &Config, action: ClientAction) -> anyhow::Result<()> {
+    let ClientAction::Create { name } = action;
+    let conn = db::connect_with(config, 1).await.context("connecting to the database (DATABASE_URL)")?;
+    let now = chrono::Utc::now();
+    db::migrate_and_prepare(config, &conn, now).await?;
+    let (client_id, client_secret) = crate::service::clients::create(&conn, &name, now)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    conn.close().await?;
+    println!("{}", serde_json::json!({"client_id": client_id, "client_secret": client_secret}));
+    Ok(())
 }

@@ -86,6 +86,26 @@ impl FromStr for TrustedProxy {
     }
 }
 
+/// A browser origin: `scheme://host[:port]`, or `*`.
+struct Origin(String);
+
+impl FromStr for Origin {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "*" {
+            return Ok(Origin(s.to_owned()));
+        }
+        let url =
+            url::Url::parse(s).map_err(|_| format!("{s:?} is not an origin like https://app.example.com"))?;
+        let origin = url.origin().ascii_serialization();
+        if origin == "null" || origin != s.trim_end_matches('/') {
+            return Err(format!("{s:?} is not an origin (scheme://host[:port], no path)"));
+        }
+        Ok(Origin(origin))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -117,6 +137,8 @@ pub struct Config {
     pub rate_limit_register_per_ip: Rate,
     pub rate_limit_refresh_per_ip: Rate,
     pub trusted_proxies: Vec<TrustedProxy>,
+    pub cors_allowed_origins: Vec<String>,
+    pub refresh_token_cookie: bool,
     pub login_cooldown: crate::rate_limit::CooldownPolicy,
     pub database_max_connections: u32,
     pub database_min_connections: u32,
@@ -169,8 +191,9 @@ impl Config {
             jwt_client_id: env.string("JWT_CLIENT_ID", "latchkey"),
             jwt_algorithm: {
                 let raw = env.string("JWT_ALGORITHM", "EdDSA");
-                crate::keys::parse_algorithm(&raw)
-                    .ok_or_else(|| invalid("JWT_ALGORITHM", format!("{raw:?}: expected EdDSA, ES256, RS256 or HS256")))?
+                crate::keys::parse_algorithm(&raw).ok_or_else(|| {
+                    invalid("JWT_ALGORITHM", format!("{raw:?}: expected EdDSA, ES256, RS256 or HS256"))
+                })?
             },
             jwt_secret: env.optional("JWT_SECRET").map(SecretString::from),
             key_encryption_key: env.optional("KEY_ENCRYPTION_KEY").map(SecretString::from),
@@ -198,6 +221,12 @@ impl Config {
             rate_limit_register_per_ip: env.parse("RATE_LIMIT_REGISTER_PER_IP", "10/1m")?,
             rate_limit_refresh_per_ip: env.parse("RATE_LIMIT_REFRESH_PER_IP", "60/1m")?,
             trusted_proxies: env.list("TRUSTED_PROXIES")?,
+            cors_allowed_origins: env
+                .list::<Origin>("CORS_ALLOWED_ORIGINS")?
+                .into_iter()
+                .map(|o| o.0)
+                .collect(),
+            refresh_token_cookie: env.parse("REFRESH_TOKEN_COOKIE", "false")?,
             login_cooldown: crate::rate_limit::CooldownPolicy {
                 threshold: env.parse("LOGIN_COOLDOWN_THRESHOLD", "5")?,
                 base_ms: millis(env.duration("LOGIN_COOLDOWN_BASE", "1s")?),
@@ -269,9 +298,18 @@ impl Config {
                 return Err(invalid(name, "must be greater than zero".into()));
             }
         }
+        if self.refresh_token_cookie && self.cors_allowed_origins.iter().any(|o| o == "*") {
+            return Err(invalid(
+                "CORS_ALLOWED_ORIGINS",
+                "must list origins, not *, when REFRESH_TOKEN_COOKIE=true".into(),
+            ));
+        }
         match (self.jwt_algorithm, &self.jwt_secret) {
             (jsonwebtoken::Algorithm::HS256, None) => {
-                return Err(invalid("JWT_SECRET", "must be set (at least 32 bytes) when JWT_ALGORITHM=HS256".into()));
+                return Err(invalid(
+                    "JWT_SECRET",
+                    "must be set (at least 32 bytes) when JWT_ALGORITHM=HS256".into(),
+                ));
             }
             (jsonwebtoken::Algorithm::HS256, Some(secret)) if secret.expose_secret().len() < 32 => {
                 return Err(invalid("JWT_SECRET", "must be at least 32 bytes".into()));
@@ -282,7 +320,10 @@ impl Config {
             }
             (_, None) => {}
         }
-        for (name, value) in [("KEY_ENCRYPTION_KEY", &self.key_encryption_key), ("KEY_ENCRYPTION_KEY_OLD", &self.key_encryption_key_old)] {
+        for (name, value) in [
+            ("KEY_ENCRYPTION_KEY", &self.key_encryption_key),
+            ("KEY_ENCRYPTION_KEY_OLD", &self.key_encryption_key_old),
+        ] {
             if let Some(raw) = value {
                 crate::keys::parse_kek(raw.expose_secret()).map_err(|e| invalid(name, e))?;
             }
@@ -379,6 +420,23 @@ impl Env<'_> {
     }
 }
 
+impl Config {
+    /// The key settings, with the key-encryption keys decoded (validated at start).
+    pub fn key_settings(&self) -> crate::keys::KeySettings {
+        let kek = |raw: &Option<SecretString>| {
+            raw.as_ref().and_then(|r| crate::keys::parse_kek(r.expose_secret()).ok())
+        };
+        crate::keys::KeySettings {
+            algorithm: self.jwt_algorithm,
+            hmac_secret: self.jwt_secret.clone(),
+            kek: kek(&self.key_encryption_key),
+            old_kek: kek(&self.key_encryption_key_old),
+            prepublish: self.key_prepublish,
+            access_token_ttl: self.access_token_ttl,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,20 +494,5 @@ mod tests {
         assert!(one.contains("::1".parse().expect("ip")));
         let all: TrustedProxy = "0.0.0.0/0".parse().expect("cidr");
         assert!(all.contains("8.8.8.8".parse().expect("ip")));
-    }
-}
-
-impl Config {
-    /// The key settings, with the key-encryption keys decoded (validated at start).
-    pub fn key_settings(&self) -> crate::keys::KeySettings {
-        let kek = |raw: &Option<SecretString>| raw.as_ref().and_then(|r| crate::keys::parse_kek(r.expose_secret()).ok());
-        crate::keys::KeySettings {
-            algorithm: self.jwt_algorithm,
-            hmac_secret: self.jwt_secret.clone(),
-            kek: kek(&self.key_encryption_key),
-            old_kek: kek(&self.key_encryption_key_old),
-            prepublish: self.key_prepublish,
-            access_token_ttl: self.access_token_ttl,
-        }
     }
 }

@@ -23,6 +23,7 @@ pub enum ErrorCode {
     ValidationFailed,
     InvalidCredentials,
     InvalidToken,
+    InvalidClient,
     TokenExpired,
     TokenRevoked,
     RefreshTokenReused,
@@ -43,6 +44,7 @@ impl ErrorCode {
             Self::ValidationFailed => "validation_failed",
             Self::InvalidCredentials => "invalid_credentials",
             Self::InvalidToken => "invalid_token",
+            Self::InvalidClient => "invalid_client",
             Self::TokenExpired => "token_expired",
             Self::TokenRevoked => "token_revoked",
             Self::RefreshTokenReused => "refresh_token_reused",
@@ -63,6 +65,7 @@ impl ErrorCode {
             Self::ValidationFailed => StatusCode::BAD_REQUEST,
             Self::InvalidCredentials
             | Self::InvalidToken
+            | Self::InvalidClient
             | Self::TokenExpired
             | Self::TokenRevoked
             | Self::RefreshTokenReused => StatusCode::UNAUTHORIZED,
@@ -83,6 +86,7 @@ impl ErrorCode {
             Self::ValidationFailed => "The request is not valid",
             Self::InvalidCredentials => "Invalid email or password",
             Self::InvalidToken => "The token is not valid",
+            Self::InvalidClient => "Client authentication failed",
             Self::TokenExpired => "The token has expired",
             Self::TokenRevoked => "The session has ended",
             Self::RefreshTokenReused => "The refresh token was already used",
@@ -168,6 +172,9 @@ impl ApiError {
         if self.code.status() != StatusCode::UNAUTHORIZED {
             return None;
         }
+        if self.code == ErrorCode::InvalidClient {
+            return Some(r#"Basic realm="latchkey""#.to_owned());
+        }
         // RFC 6750 §3: a request without credentials gets no error attribute.
         if self.code == ErrorCode::InvalidToken && self.detail == MISSING_TOKEN {
             return Some(r#"Bearer realm="latchkey""#.to_owned());
@@ -237,7 +244,7 @@ impl ApiResponse for ApiError {
                 ),
                 response(
                     401,
-                    "`invalid_credentials`, `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`.",
+                    "`invalid_credentials`, `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`.",
                     vec![with_header("WWW-Authenticate", "RFC 6750 challenge")],
                 ),
                 response(403, "`forbidden`.", vec![]),
@@ -268,6 +275,9 @@ pub fn into_problem(err: poem::Error) -> Response {
     let status = err.status();
     let api = match status {
         StatusCode::UNAUTHORIZED => ApiError::invalid_token(MISSING_TOKEN),
+        StatusCode::FORBIDDEN => {
+            ApiError::new(ErrorCode::Forbidden, "This origin or request is not allowed.")
+        }
         StatusCode::NOT_FOUND => ApiError::new(ErrorCode::NotFound, "No such route."),
         StatusCode::METHOD_NOT_ALLOWED => {
             ApiError::new(ErrorCode::MethodNotAllowed, "This route does not accept that method.")

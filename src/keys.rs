@@ -127,7 +127,10 @@ fn encoding_key(alg: Algorithm, pkcs8: &[u8]) -> Result<EncodingKey, jsonwebtoke
         Algorithm::ES256 => Ok(EncodingKey::from_ec_der(pkcs8)),
         // jsonwebtoken wants PKCS#1 DER for RSA; its PEM reader unwraps PKCS#8.
         _ => {
-            let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", STANDARD.encode(pkcs8));
+            let pem = format!(
+                "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+                STANDARD.encode(pkcs8)
+            );
             EncodingKey::from_rsa_pem(pem.as_bytes())
         }
     }
@@ -137,7 +140,9 @@ fn encoding_key(alg: Algorithm, pkcs8: &[u8]) -> Result<EncodingKey, jsonwebtoke
 pub fn thumbprint(jwk: &Jwk) -> Option<String> {
     let canonical = match &jwk.algorithm {
         AlgorithmParameters::OctetKeyPair(k) => format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, k.x),
-        AlgorithmParameters::EllipticCurve(k) => format!(r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#, k.x, k.y),
+        AlgorithmParameters::EllipticCurve(k) => {
+            format!(r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#, k.x, k.y)
+        }
         AlgorithmParameters::RSA(k) => format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, k.e, k.n),
         _ => return None,
     };
@@ -221,7 +226,11 @@ fn private_key(row: &signing_key::Model, settings: &KeySettings) -> Result<Vec<u
 /// those under the old one), and make sure a key of the configured algorithm exists.
 /// Any such key not yet retired counts, even one that activates a moment from now (the
 /// instance that made it may have a clock slightly ahead of ours).
-pub async fn prepare(db: &impl ConnectionTrait, now: DateTime<Utc>, settings: &KeySettings) -> Result<(), KeyError> {
+pub async fn prepare(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    settings: &KeySettings,
+) -> Result<(), KeyError> {
     let rows = signing_key::Entity::find().all(db).await?;
     for row in &rows {
         let want_sealed = settings.kek.is_some();
@@ -259,13 +268,18 @@ pub async fn prepare(db: &impl ConnectionTrait, now: DateTime<Utc>, settings: &K
 
 /// Publishes a new key now, signing after `prepublish`; every current key of the same
 /// algorithm retires once the tokens it can still sign have expired. Returns the new row.
-pub async fn rotate(db: &impl ConnectionTrait, now: DateTime<Utc>, settings: &KeySettings) -> Result<signing_key::Model, KeyError> {
+pub async fn rotate(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    settings: &KeySettings,
+) -> Result<signing_key::Model, KeyError> {
     if settings.algorithm == Algorithm::HS256 {
         return Err(KeyError::Generate("HS256 uses JWT_SECRET; rotate it by changing the secret".into()));
     }
-    let prepublish = chrono::Duration::from_std(settings.prepublish).map_err(|e| KeyError::Generate(e.to_string()))?;
-    let lifetime =
-        chrono::Duration::from_std(settings.access_token_ttl + LEEWAY).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let prepublish =
+        chrono::Duration::from_std(settings.prepublish).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let lifetime = chrono::Duration::from_std(settings.access_token_ttl + LEEWAY)
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
     let row = generate(settings.algorithm, now, now + prepublish, settings.kek.as_ref())?;
     let retires_at = row.activates_at + lifetime;
     signing_key::Entity::update_many()
@@ -349,7 +363,11 @@ impl std::fmt::Debug for KeyRing {
 
 impl KeyRing {
     /// Every key not yet retired, and the HMAC key when HS256 is configured.
-    pub async fn load(db: &impl ConnectionTrait, now: DateTime<Utc>, settings: &KeySettings) -> Result<Self, KeyError> {
+    pub async fn load(
+        db: &impl ConnectionTrait,
+        now: DateTime<Utc>,
+        settings: &KeySettings,
+    ) -> Result<Self, KeyError> {
         let rows = signing_key::Entity::find()
             .filter(signing_key::Column::RetiresAt.is_null().or(signing_key::Column::RetiresAt.gt(now)))
             .order_by_desc(signing_key::Column::ActivatesAt)
@@ -379,7 +397,8 @@ impl KeyRing {
 
     /// The public keys at `now` (RFC 7517). Empty with HS256: the secret is never published.
     pub fn jwks(&self, now: DateTime<Utc>) -> JwkSet {
-        let mut keys: Vec<Jwk> = self.keys.iter().filter(|k| k.live(now)).filter_map(|k| k.public.clone()).collect();
+        let mut keys: Vec<Jwk> =
+            self.keys.iter().filter(|k| k.live(now)).filter_map(|k| k.public.clone()).collect();
         keys.sort_by(|a, b| a.common.key_id.cmp(&b.common.key_id));
         JwkSet { keys }
     }
@@ -396,16 +415,21 @@ impl KeyRing {
     fn key_for(&self, token: &str, now: DateTime<Utc>) -> Option<&Arc<Key>> {
         let header = jsonwebtoken::decode_header(token).ok()?;
         let key = self.by_kid.get(header.kid.as_deref()?)?;
-        let typ_ok = header
-            .typ
-            .as_deref()
-            .is_some_and(|t| t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt"));
+        let typ_ok = header.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt")
+        });
         (header.alg == key.alg && key.live(now) && typ_ok).then_some(key)
     }
 
     /// Signature (algorithm pinned to the key's own), `typ`, `iss`, `aud`, then `exp`
     /// against `now`. Says nothing about revocation: that is the store's question.
-    pub fn verify(&self, token: &str, issuer: &str, audience: &str, now: DateTime<Utc>) -> Result<AccessClaims, ApiError> {
+    pub fn verify(
+        &self,
+        token: &str,
+        issuer: &str,
+        audience: &str,
+        now: DateTime<Utc>,
+    ) -> Result<AccessClaims, ApiError> {
         let key = self
             .key_for(token, now)
             .ok_or_else(|| ApiError::invalid_token("The token is malformed or not signed by a known key."))?;
@@ -469,8 +493,9 @@ pub fn parse_kek(raw: &str) -> Result<Kek, String> {
         .decode(raw)
         .or_else(|_| URL_SAFE_NO_PAD.decode(raw.trim_end_matches('=')))
         .map_err(|_| "must be 32 bytes, base64-encoded (e.g. `openssl rand -base64 32`)".to_owned())?;
-    let key: [u8; 32] =
-        bytes.try_into().map_err(|_| "must be exactly 32 bytes, base64-encoded (`openssl rand -base64 32`)".to_owned())?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| "must be exactly 32 bytes, base64-encoded (`openssl rand -base64 32`)".to_owned())?;
     Ok(SecretBox::new(Box::new(key)))
 }
 
@@ -529,7 +554,11 @@ mod tests {
             assert_eq!(header.alg, alg);
             assert_eq!(ring.verify(&token, "http://issuer", "aud", now).expect("verify"), c, "{alg:?}");
             let published = ring.jwks(now).keys.len();
-            assert_eq!(published, usize::from(alg != Algorithm::HS256), "{alg:?}: the HMAC secret is never published");
+            assert_eq!(
+                published,
+                usize::from(alg != Algorithm::HS256),
+                "{alg:?}: the HMAC secret is never published"
+            );
         }
     }
 
@@ -538,10 +567,19 @@ mod tests {
         let ring = ring(Algorithm::EdDSA);
         let now = Utc::now();
         let token = ring.sign(&claims(now), now).expect("sign");
-        assert_eq!(ring.verify(&token, "http://other", "aud", now).unwrap_err().code, ErrorCode::InvalidToken);
-        assert_eq!(ring.verify(&token, "http://issuer", "other", now).unwrap_err().code, ErrorCode::InvalidToken);
+        assert_eq!(
+            ring.verify(&token, "http://other", "aud", now).unwrap_err().code,
+            ErrorCode::InvalidToken
+        );
+        assert_eq!(
+            ring.verify(&token, "http://issuer", "other", now).unwrap_err().code,
+            ErrorCode::InvalidToken
+        );
         let later = now + chrono::Duration::seconds(900 + 6);
-        assert_eq!(ring.verify(&token, "http://issuer", "aud", later).unwrap_err().code, ErrorCode::TokenExpired);
+        assert_eq!(
+            ring.verify(&token, "http://issuer", "aud", later).unwrap_err().code,
+            ErrorCode::TokenExpired
+        );
         let within_leeway = now + chrono::Duration::seconds(900 + 4);
         assert!(ring.verify(&token, "http://issuer", "aud", within_leeway).is_ok());
     }

@@ -33,6 +33,8 @@ async fn main() -> ExitCode {
     let result = match command {
         Command::Migrate { action } => cli::migrate(&config, action).await,
         Command::User { action } => cli::user(&config, action).await,
+        Command::Keys { action } => cli::keys(&config, action).await,
+        Command::Client { action } => cli::client(&config, action).await,
         _ => serve(config).await,
     };
     match result {

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use poem::endpoint::BoxEndpoint;
+use poem::http::Method;
 use poem::http::{HeaderValue, header};
 use poem::listener::{Acceptor as _, Listener as _, TcpAcceptor, TcpListener};
-use poem::middleware::{CatchPanic, Tracing};
+use poem::middleware::{CatchPanic, Cors, Tracing};
 use poem::{Endpoint, EndpointExt as _, IntoResponse as _, Request, Response, Route, Server};
 use secrecy::ExposeSecret as _;
 
@@ -21,6 +22,7 @@ use crate::audit::{AuditWorker, Auditor};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCode, into_problem};
+use crate::keys::{KeyCache, KeyRing};
 use crate::metrics::{Metrics, Timed};
 use crate::password::PasswordHasher;
 use crate::service::sessions;
@@ -28,7 +30,6 @@ use crate::state::AppState;
 use crate::store::db;
 use crate::store::limits::{LimitStore, MemoryLimits, RedisLimits};
 use crate::store::revocation::{MemoryStore, RedisStore, RevocationStore};
-use crate::keys::{KeyCache, KeyRing};
 
 pub struct Application {
     acceptor: TcpAcceptor,
@@ -52,7 +53,9 @@ impl Application {
             .context("applying migrations and preparing signing keys")?;
         let key_settings = config.key_settings();
         if key_settings.kek.is_none() && config.jwt_algorithm != jsonwebtoken::Algorithm::HS256 {
-            tracing::warn!("KEY_ENCRYPTION_KEY is not set: signing keys are stored in the database unencrypted");
+            tracing::warn!(
+                "KEY_ENCRYPTION_KEY is not set: signing keys are stored in the database unencrypted"
+            );
         }
         let ring = KeyRing::load(&db, clock.now(), &key_settings).await.context("loading signing keys")?;
         let keys = KeyCache::new(ring, key_settings);
@@ -227,6 +230,8 @@ pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
     let max_body = state.config.max_body_bytes;
+    let cors_origins = state.config.cors_allowed_origins.clone();
+    let cookie_mode = state.config.refresh_token_cookie;
     let body_timeout = state.config.http_body_timeout;
     Route::new()
         .at("/openapi.json", spec)
@@ -242,7 +247,23 @@ pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
         )
         .around(request_id)
         .with(Tracing)
+        .with_if(!cors_origins.is_empty(), cors(&cors_origins, cookie_mode))
         .boxed()
+}
+
+/// CORS for browser clients on the configured origins; credentials (the refresh cookie)
+/// only in cookie mode, and never with `*`.
+fn cors(origins: &[String], credentials: bool) -> Cors {
+    let mut cors = Cors::new()
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers(["authorization", "content-type", "x-requested-with"])
+        .expose_headers(["retry-after", "x-request-id", "www-authenticate"])
+        .allow_credentials(credentials)
+        .max_age(600);
+    if !origins.iter().any(|o| o == "*") {
+        cors = cors.allow_origins(origins.iter().map(String::as_str));
+    }
+    cors
 }
 
 /// Reads the whole body up front (bodies here are small JSON): over `max` is 413, and a

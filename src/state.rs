@@ -7,11 +7,11 @@ use sea_orm::DatabaseConnection;
 use crate::audit::Auditor;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::keys::KeyCache;
 use crate::metrics::Metrics;
 use crate::password::PasswordHasher;
 use crate::store::limits::LimitStore;
 use crate::store::revocation::RevocationStore;
-use crate::keys::KeyCache;
 
 pub struct AppState {
     pub config: Config,

@@ -12,8 +12,9 @@ use uuid::Uuid;
 use super::ApiTags;
 use super::client::client_info;
 use super::security::BearerAuth;
+use crate::config::Config;
 use crate::domain::{Email, Password};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::service::auth::{self, Tokens};
 use crate::state::AppState;
 
@@ -97,9 +98,16 @@ pub struct RegisteredUser {
 #[derive(Object)]
 #[oai(deny_unknown_fields)]
 pub struct RefreshRequest {
-    /// The refresh token from the last token response. Each one works once.
-    pub refresh_token: SecretField,
+    /// The refresh token from the last token response. Each one works once. In cookie
+    /// mode (`REFRESH_TOKEN_COOKIE=true`) leave it out: the cookie carries it.
+    pub refresh_token: Option<SecretField>,
 }
+
+/// The refresh token's cookie in cookie mode.
+pub const REFRESH_COOKIE: &str = "latchkey_refresh";
+/// The header a cookie-carrying refresh must send (any value): a cross-site page cannot
+/// add it without a CORS preflight that only allowed origins pass.
+pub const CSRF_HEADER: &str = "x-requested-with";
 
 /// RFC 6749 §5.1 token response.
 #[derive(Object)]
@@ -110,8 +118,10 @@ pub struct TokenResponseBody {
     pub token_type: String,
     /// Seconds until the access token expires.
     pub expires_in: u64,
-    /// Opaque; exchange it at `/v1/auth/refresh` for new tokens. Single use.
-    pub refresh_token: String,
+    /// Opaque; exchange it at `/v1/auth/refresh` for new tokens. Single use. Absent in
+    /// cookie mode, where it travels as an HttpOnly cookie instead.
+    #[oai(skip_serializing_if_is_none)]
+    pub refresh_token: Option<String>,
     /// Seconds until the session (and so every refresh token of it) ends.
     pub refresh_expires_in: u64,
     pub session_id: Uuid,
@@ -138,24 +148,51 @@ pub enum RegisterResponse {
 pub enum TokenResponse {
     /// Tokens issued.
     #[oai(status = 200)]
-    Ok(Json<TokenResponseBody>, #[oai(header = "Cache-Control")] String, #[oai(header = "Pragma")] String),
+    Ok(
+        Json<TokenResponseBody>,
+        #[oai(header = "Cache-Control")] String,
+        #[oai(header = "Pragma")] String,
+        /// Cookie mode only: the refresh token.
+        #[oai(header = "Set-Cookie")]
+        Option<String>,
+    ),
 }
 
-impl From<Tokens> for TokenResponse {
-    fn from(t: Tokens) -> Self {
-        TokenResponse::Ok(
-            Json(TokenResponseBody {
-                access_token: t.access_token,
-                token_type: "Bearer".into(),
-                expires_in: t.expires_in,
-                refresh_token: t.refresh_token,
-                refresh_expires_in: t.refresh_expires_in,
-                session_id: t.session_id,
-            }),
-            "no-store".into(),
-            "no-cache".into(),
-        )
-    }
+/// The token response; in cookie mode (and when `cookie_allowed`) the refresh token goes
+/// into an `HttpOnly; Secure; SameSite=Strict` cookie scoped to `/v1/auth` instead of the
+/// body.
+pub fn cookie_response(config: &Config, t: Tokens, cookie_allowed: bool) -> TokenResponse {
+    let in_cookie = config.refresh_token_cookie && cookie_allowed;
+    let cookie = in_cookie.then(|| refresh_cookie(&t.refresh_token, t.refresh_expires_in));
+    TokenResponse::Ok(
+        Json(TokenResponseBody {
+            access_token: t.access_token,
+            token_type: "Bearer".into(),
+            expires_in: t.expires_in,
+            refresh_token: (!in_cookie).then_some(t.refresh_token),
+            refresh_expires_in: t.refresh_expires_in,
+            session_id: t.session_id,
+        }),
+        "no-store".into(),
+        "no-cache".into(),
+        cookie,
+    )
+}
+
+fn refresh_cookie(value: &str, max_age: u64) -> String {
+    format!("{REFRESH_COOKIE}={value}; HttpOnly; Secure; SameSite=Strict; Path=/v1/auth; Max-Age={max_age}")
+}
+
+/// The refresh token from the cookie, if the request has one.
+fn cookie_token(req: &Request) -> Option<String> {
+    req.headers()
+        .get_all(poem::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == REFRESH_COOKIE)
+        .map(|(_, value)| value.to_owned())
 }
 
 #[derive(ApiResponse)]
@@ -163,6 +200,9 @@ pub enum NoContent {
     /// Done.
     #[oai(status = 204)]
     Done,
+    /// Done; in cookie mode the refresh-token cookie is cleared.
+    #[oai(status = 204)]
+    ClearCookie(#[oai(header = "Set-Cookie")] String),
 }
 
 pub struct AuthApi;
@@ -204,7 +244,8 @@ impl AuthApi {
     ) -> Result<TokenResponse, ApiError> {
         let client = client_info(req, &state.config.trusted_proxies);
         let password = Password::candidate(body.0.password.0)?;
-        Ok(auth::login(&state, &body.0.email, password, &client).await?.into())
+        let tokens = auth::login(&state, &body.0.email, password, &client).await?;
+        Ok(cookie_response(&state.config, tokens, true))
     }
 
     /// Exchange a refresh token for new tokens
@@ -219,7 +260,23 @@ impl AuthApi {
         body: Json<RefreshRequest>,
     ) -> Result<TokenResponse, ApiError> {
         let client = client_info(req, &state.config.trusted_proxies);
-        Ok(auth::refresh(&state, &body.0.refresh_token.0, &client).await?.into())
+        let presented = match (body.0.refresh_token, state.config.refresh_token_cookie) {
+            (Some(token), _) => token.0,
+            (None, true) => {
+                let token =
+                    cookie_token(req).ok_or_else(|| ApiError::invalid_token("No refresh token cookie."))?;
+                if req.headers().get(CSRF_HEADER).is_none_or(|v| v.is_empty()) {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        "A refresh with the cookie must send the X-Requested-With header.",
+                    ));
+                }
+                token
+            }
+            (None, false) => return Err(ApiError::validation("refresh_token: required")),
+        };
+        let tokens = auth::refresh(&state, &presented, &client).await?;
+        Ok(cookie_response(&state.config, tokens, true))
     }
 
     /// End this session
@@ -235,7 +292,11 @@ impl AuthApi {
     ) -> Result<NoContent, ApiError> {
         let client = client_info(req, &state.config.trusted_proxies);
         auth::logout(&state, auth.0.claims.sub, auth.0.claims.sid, &client).await?;
-        Ok(NoContent::Done)
+        Ok(if state.config.refresh_token_cookie {
+            NoContent::ClearCookie(refresh_cookie("", 0))
+        } else {
+            NoContent::Done
+        })
     }
 
     /// End every session of this user

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod health;
 pub mod keys;
+pub mod oauth;
 pub mod security;
 pub mod users;
 
@@ -23,15 +24,19 @@ pub enum ApiTags {
     Health,
     /// For users with the admin role.
     Admin,
+    /// Standard OAuth 2.0 endpoints: metadata, refresh grant, revocation, introspection.
+    #[oai(rename = "OAuth")]
+    OAuth,
 }
 
-pub type Apis = (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, health::HealthApi);
+pub type Apis =
+    (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, oauth::OAuthApi, health::HealthApi);
 
 /// The API with its OpenAPI document. Needs no state: handlers read it from request data,
 /// so `latchkey openapi` can print the spec without a database.
 pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, health::HealthApi),
+        (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, oauth::OAuthApi, health::HealthApi),
         "Latchkey",
         env!("CARGO_PKG_VERSION"),
     )

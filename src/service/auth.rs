@@ -301,10 +301,7 @@ pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> 
     if presented.len() > 128 {
         return Err(refresh_refused("The refresh token is not valid."));
     }
-    let hash = token::refresh_token_hash(presented);
-    let row = refresh_token::Entity::find()
-        .filter(refresh_token::Column::TokenHash.eq(hash))
-        .one(&state.db)
+    let row = find_refresh_token(&state.db, presented)
         .await?
         .ok_or_else(|| refresh_refused("The refresh token is not valid."))?;
     let now = state.clock.now();
@@ -443,6 +440,17 @@ pub async fn logout_all(state: &AppState, user_id: Uuid, client: &ClientInfo) ->
             .detail(serde_json::json!({"sessions": ended.len()})),
     );
     Ok(())
+}
+
+/// The refresh-token row of a presented token, found by its hash.
+pub async fn find_refresh_token(
+    db: &impl ConnectionTrait,
+    presented: &str,
+) -> Result<Option<refresh_token::Model>, ApiError> {
+    Ok(refresh_token::Entity::find()
+        .filter(refresh_token::Column::TokenHash.eq(token::refresh_token_hash(presented)))
+        .one(db)
+        .await?)
 }
 
 pub async fn profile(state: &AppState, user_id: Uuid) -> Result<(user::Model, Vec<String>), ApiError> {

@@ -15,6 +15,7 @@ pub enum Limit {
     LoginCooldown,
     RegisterPerIp,
     RefreshPerIp,
+    ClientAuthFailuresPerIp,
 }
 
 impl Limit {
@@ -25,6 +26,7 @@ impl Limit {
             Limit::LoginCooldown => "login_cooldown",
             Limit::RegisterPerIp => "register_per_ip",
             Limit::RefreshPerIp => "refresh_per_ip",
+            Limit::ClientAuthFailuresPerIp => "client_auth_failures_per_ip",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The rules: registration, login, refresh rotation, logout, sessions. No poem types here.
 
 pub mod auth;
+pub mod clients;
 pub mod limit;
 pub mod sessions;
 pub mod users;

@@ -344,7 +344,8 @@ pub async fn assert_problem(resp: Response, status: StatusCode, code: &str) -> V
     assert_eq!(body.as_object().map(|o| o.len()), Some(4), "exactly status, code, title, detail: {text}");
     if status == StatusCode::UNAUTHORIZED {
         let www = www.expect("401 carries WWW-Authenticate");
-        assert!(www.to_str().expect("ascii").starts_with("Bearer"), "{www:?}");
+        let scheme = if code == "invalid_client" { "Basic" } else { "Bearer" };
+        assert!(www.to_str().expect("ascii").starts_with(scheme), "{www:?}");
     }
     body
 }

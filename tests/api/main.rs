@@ -14,3 +14,4 @@ mod outage;
 mod readme;
 mod sessions;
 mod tokens;
+mod verifiers;
