@@ -422,3 +422,58 @@ async fn cookie_mode_end_to_end_with_csrf_protection() {
     assert!(resp.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"), "the cookie is cleared");
     assert_eq!(refresh(next_cookie, true).await.unwrap().status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn private_keys_are_sealed_and_the_kek_can_be_rotated() {
+    use latchkey::store::entity::signing_key;
+    use sea_orm::EntityTrait as _;
+    let kek1 = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes
+    let kek2 = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let a = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &[("KEY_ENCRYPTION_KEY", kek1)]).await;
+    let (_, tokens) = a.signed_in_user().await;
+    let rows = signing_key::Entity::find().all(&a.state.db).await.unwrap();
+    assert!(
+        rows.iter().all(|r| r.private_key_encryption.is_some() && r.private_key.len() > 48),
+        "sealed at rest"
+    );
+    let before = rows[0].private_key.clone();
+    let resources = a.resources.clone();
+    a.stop().await;
+
+    // Without the KEK the server refuses to start rather than sign with nothing.
+    let err = TestApp::try_spawn_on(resources.clone(), &[]).await.err().expect("refused");
+    assert!(format!("{err:#}").contains("KEY_ENCRYPTION_KEY"), "{err:#}");
+    // A new KEK with the old one beside it: keys are re-sealed at start, tokens keep verifying.
+    let b = TestApp::spawn_on(
+        resources.clone(),
+        &[("KEY_ENCRYPTION_KEY", kek2), ("KEY_ENCRYPTION_KEY_OLD", kek1)],
+    )
+    .await;
+    let jwks: Value = b.get("/.well-known/jwks.json", None).await.json().await.unwrap();
+    assert!(jwks.to_string().contains(parts(&tokens.access).0["kid"].as_str().unwrap()));
+    let rows = signing_key::Entity::find().all(&b.state.db).await.unwrap();
+    assert_ne!(rows[0].private_key, before, "re-sealed under the new KEK");
+    b.stop().await;
+    // The old KEK is no longer needed.
+    let c = TestApp::spawn_on(resources, &[("KEY_ENCRYPTION_KEY", kek2)]).await;
+    c.signed_in_user().await;
+}
+
+#[tokio::test]
+async fn automatic_rotation_follows_key_rotation_interval() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Store::InProcess,
+        &[("KEY_ROTATION_INTERVAL", "1h"), ("KEYS_REFRESH_INTERVAL", "1s")],
+    )
+    .await;
+    let count = || async {
+        let jwks: Value = app.get("/.well-known/jwks.json", None).await.json().await.unwrap();
+        jwks["keys"].as_array().unwrap().len()
+    };
+    assert_eq!(count().await, 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count().await, 1, "not due yet");
+    app.clock.advance(Duration::from_secs(3601));
+    assert!(eventually(Duration::from_secs(5), || async { count().await == 2 }).await, "rotated when due");
+}
