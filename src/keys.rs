@@ -451,15 +451,51 @@ impl KeyRing {
     }
 }
 
-/// The current `KeyRing`, swapped whole on reload.
+/// Verified tokens remembered, so a token presented again skips the signature check.
+/// Keyed by the SHA-256 of the exact token bytes (the signature over the same bytes
+/// cannot change); each entry still has its `exp` checked on every use, and the store is
+/// still asked on every request.
+const VERIFIED_CAPACITY: usize = 10_000;
+
+/// The current `KeyRing`, swapped whole on reload, and the verified-token cache.
 pub struct KeyCache {
     ring: RwLock<Arc<KeyRing>>,
+    verified: quick_cache::sync::Cache<[u8; 32], Arc<AccessClaims>>,
     pub settings: KeySettings,
 }
 
 impl KeyCache {
     pub fn new(ring: KeyRing, settings: KeySettings) -> Self {
-        Self { ring: RwLock::new(Arc::new(ring)), settings }
+        Self {
+            ring: RwLock::new(Arc::new(ring)),
+            verified: quick_cache::sync::Cache::new(VERIFIED_CAPACITY),
+            settings,
+        }
+    }
+
+    /// `KeyRing::verify`, remembering the result for tokens seen before.
+    pub fn verify(
+        &self,
+        token: &str,
+        issuer: &str,
+        audience: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<AccessClaims>, ApiError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(claims) = self.verified.get(&digest) {
+            let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(0);
+            if now.timestamp() > claims.exp.saturating_add(leeway) {
+                self.verified.remove(&digest);
+                return Err(ApiError::new(
+                    ErrorCode::TokenExpired,
+                    "The access token has expired; refresh it.",
+                ));
+            }
+            return Ok(claims);
+        }
+        let claims = Arc::new(self.current().verify(token, issuer, audience, now)?);
+        self.verified.insert(digest, Arc::clone(&claims));
+        Ok(claims)
     }
 
     pub fn current(&self) -> Arc<KeyRing> {
@@ -472,6 +508,10 @@ impl KeyCache {
     /// Re-reads `signing_keys`; on failure the previous ring stays in use.
     pub async fn reload(&self, db: &impl ConnectionTrait, now: DateTime<Utc>) -> Result<(), KeyError> {
         let ring = Arc::new(KeyRing::load(db, now, &self.settings).await?);
+        // A key that vanished (deleted by hand after a compromise) takes its tokens with it.
+        if self.current().by_kid.keys().any(|kid| !ring.by_kid.contains_key(kid)) {
+            self.verified.clear();
+        }
         match self.ring.write() {
             Ok(mut slot) => *slot = ring,
             Err(poisoned) => *poisoned.into_inner() = ring,

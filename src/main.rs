@@ -7,6 +7,11 @@ use latchkey::config::Config;
 use latchkey::startup::Application;
 use latchkey::{api, cli, telemetry};
 
+/// mimalloc returns argon2's 19 MiB blocks to the OS soon after each hash; glibc's
+/// malloc kept hundreds of MiB of them (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // A missing .env is normal; a broken one is worth saying.

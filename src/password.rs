@@ -58,12 +58,10 @@ fn hash_now(argon: &Argon2<'_>, password: &str) -> Result<String, HashError> {
 }
 
 impl PasswordHasher {
-    /// Starts `workers` threads. Computes the dummy hash once, on the calling thread.
+    /// Starts `workers` threads.
     pub fn start(workers: usize, queue: usize) -> Result<Self, HashError> {
         let argon = argon2()?;
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| HashError::Failed(e.to_string()))?;
-        let dummy_hash: Arc<str> = hash_now(&argon, &hex(&seed))?.into();
+        let dummy_hash = dummy_hash()?;
 
         let (jobs, rx) = sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
@@ -72,7 +70,15 @@ impl PasswordHasher {
             let argon = argon.clone();
             std::thread::Builder::new()
                 .name(format!("argon2-{n}"))
-                .spawn(move || worker(&rx, &argon))
+                .spawn(move || {
+                    // Below the reactor: a login storm must not starve token checks.
+                    if let Err(e) =
+                        thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
+                    {
+                        tracing::debug!(error = ?e, "could not lower the argon2 thread's priority");
+                    }
+                    worker(&rx, &argon)
+                })
                 .map_err(|e| HashError::Failed(e.to_string()))?;
         }
         Ok(Self { jobs, dummy_hash })
@@ -103,6 +109,23 @@ impl PasswordHasher {
             TrySendError::Disconnected(_) => HashError::Failed("hashing pool stopped".into()),
         })
     }
+}
+
+/// A PHC string with the server's parameters, a random salt and a random output: verifying
+/// against it costs exactly what verifying a real hash costs (argon2 runs in full, then
+/// the comparison fails), without spending a hash at start-up to make it.
+fn dummy_hash() -> Result<Arc<str>, HashError> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD_NO_PAD;
+    let mut bytes = [0u8; 48];
+    getrandom::fill(&mut bytes).map_err(|e| HashError::Failed(e.to_string()))?;
+    let (salt, output) = bytes.split_at(16);
+    Ok(format!(
+        "$argon2id$v=19$m={MEMORY_KIB},t={ITERATIONS},p={PARALLELISM}${}${}",
+        STANDARD_NO_PAD.encode(salt),
+        STANDARD_NO_PAD.encode(output)
+    )
+    .into())
 }
 
 fn worker(rx: &Mutex<Receiver<Job>>, argon: &Argon2<'_>) {
@@ -149,6 +172,9 @@ mod tests {
         assert!(hasher.verify(pw("correct horse battery"), Some(&hash)).await.expect("verify"));
         assert!(!hasher.verify(pw("wrong horse battery"), Some(&hash)).await.expect("verify"));
         assert!(!hasher.verify(pw("anything at all"), None).await.expect("dummy"));
+        // The dummy is a well-formed hash with the same parameters, so it costs the same.
+        assert!(argon2::password_hash::phc::PasswordHash::new(&hasher.dummy_hash).is_ok());
+        assert!(hasher.dummy_hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
     }
 
     #[tokio::test]

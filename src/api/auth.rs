@@ -324,7 +324,7 @@ impl AuthApi {
         Ok(Json(SessionInfo {
             session_id: a.claims.sid,
             user_id: a.claims.sub,
-            roles: a.claims.roles,
+            roles: a.claims.roles.clone(),
             expires_at: a.session.expires_at,
         }))
     }

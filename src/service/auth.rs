@@ -454,10 +454,15 @@ pub async fn find_refresh_token(
 }
 
 pub async fn profile(state: &AppState, user_id: Uuid) -> Result<(user::Model, Vec<String>), ApiError> {
-    let account = user::Entity::find_by_id(user_id)
-        .one(&state.db)
+    // One round trip: the user joined with its roles.
+    let (account, roles) = user::Entity::find_by_id(user_id)
+        .find_with_related(role::Entity)
+        .all(&state.db)
         .await?
+        .into_iter()
+        .next()
         .ok_or_else(|| ApiError::new(ErrorCode::TokenRevoked, "The account no longer exists."))?;
-    let roles = roles_of(&state.db, user_id).await?;
+    let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
+    roles.sort();
     Ok((account, roles))
 }

@@ -1,0 +1,590 @@
+//! `cargo run --release -p latchkey-bench`: Latchkey's benchmark.
+//!
+//! Builds and starts the release server as a separate process (PostgreSQL + Redis, and
+//! again SQLite + the in-process store), seeds users, drives load over loopback from this
+//! process with keep-alive HTTP/1.1 connections (hyper; latency in an HDR histogram; any
+//! non-2xx counts as an error), and prints a table plus `target/bench/latest.json`.
+//! Rate limits are raised through their variables: all load comes from one address.
+//!
+//! `--smoke` runs every scenario for a fraction of a second (CI); `--server PATH` uses a
+//! server binary already built; `--seconds N` sets each scenario's length.
+#![allow(clippy::print_stdout)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt as _, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+struct Opts {
+    smoke: bool,
+    server: Option<PathBuf>,
+    seconds: f64,
+    conns: usize,
+}
+
+fn parse_opts() -> anyhow::Result<Opts> {
+    let mut opts = Opts { smoke: false, server: None, seconds: 10.0, conns: 32 };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--smoke" => opts.smoke = true,
+            "--server" => opts.server = Some(args.next().context("--server PATH")?.into()),
+            "--seconds" => opts.seconds = args.next().context("--seconds N")?.parse()?,
+            "--connections" => opts.conns = args.next().context("--connections N")?.parse()?,
+            other => {
+                bail!("unknown argument {other:?} (use --smoke, --server PATH, --seconds N, --connections N)")
+            }
+        }
+    }
+    if opts.smoke {
+        opts.seconds = 0.25;
+        opts.conns = 4;
+    }
+    Ok(opts)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A server process of ours.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn spawn(bin: &Path, env: &[(String, String)], dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let mut cmd = Command::new(bin);
+        cmd.current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LISTEN_ADDR", addr.to_string())
+            .env("METRICS_ADDR", "off")
+            .env("RUST_LOG", "warn")
+            .env("RATE_LIMIT_LOGIN_PER_IP", "100000000/1s")
+            .env("RATE_LIMIT_LOGIN_PER_ACCOUNT", "100000000/1s")
+            .env("RATE_LIMIT_REGISTER_PER_IP", "100000000/1s")
+            .env("RATE_LIMIT_REFRESH_PER_IP", "100000000/1s")
+            .env("PASSWORD_HASH_QUEUE", "4096")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(Self { child: cmd.spawn().context("starting the server")?, addr })
+    }
+
+    /// Polls `/ready` until 200; returns how long that took from `since`.
+    async fn wait_ready(&self, since: Instant) -> anyhow::Result<Duration> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(resp) = request(self.addr, "GET", "/ready", None, None).await
+                && resp.0 == 200
+            {
+                return Ok(since.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        bail!("the server did not become ready")
+    }
+
+    /// (current RSS, peak RSS) in KiB, from /proc.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request on a fresh connection (setup only, not measured).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = build(method, path, bearer, body.map(|b| Bytes::from(b.to_string())))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+}
+
+fn build(
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Bytes>,
+) -> anyhow::Result<Request<Full<Bytes>>> {
+    let mut req = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
+    if let Some(token) = bearer {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    Ok(req.body(Full::new(body.unwrap_or_default()))?)
+}
+
+/// What each connection of a scenario sends.
+#[derive(Clone)]
+enum Work {
+    Get {
+        path: &'static str,
+        tokens: Arc<Vec<String>>,
+    },
+    /// Each connection rotates its own chain of refresh tokens.
+    Refresh {
+        tokens: Arc<Vec<String>>,
+    },
+    Login {
+        emails: Arc<Vec<String>>,
+    },
+}
+
+#[derive(Debug)]
+struct Stats {
+    name: String,
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+impl Stats {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn p(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn json(&self) -> Value {
+        json!({"scenario": self.name, "requests": self.requests, "errors": self.errors, "req_per_s": self.rps(),
+               "p50_ms": self.p(0.50), "p99_ms": self.p(0.99), "max_ms": self.hist.max() as f64 / 1000.0})
+    }
+}
+
+/// Keeps `conns` keep-alive connections busy for `secs`, one request at a time each.
+async fn drive(name: &str, addr: SocketAddr, conns: usize, secs: f64, work: Work) -> anyhow::Result<Stats> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (stop, work) = (Arc::clone(&stop), work.clone());
+        tasks.push(tokio::spawn(async move { connection(addr, c, conns, work, stop).await }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut stats = Stats {
+        name: name.to_owned(),
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+    };
+    for t in tasks {
+        let (n, e, h) = t.await??;
+        stats.requests += n;
+        stats.errors += e;
+        stats.hist.add(h)?;
+    }
+    stats.elapsed = started.elapsed();
+    Ok(stats)
+}
+
+async fn connection(
+    addr: SocketAddr,
+    c: usize,
+    conns: usize,
+    work: Work,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, u64, Histogram<u64>)> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut n, mut errors) = (0u64, 0u64);
+    let mut refresh = match &work {
+        Work::Refresh { tokens } => tokens.get(c).cloned(),
+        _ => None,
+    };
+    let mut seq = c;
+    'reconnect: while !stop.load(Ordering::Relaxed) {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        while !stop.load(Ordering::Relaxed) {
+            let req = match &work {
+                Work::Get { path, tokens } => {
+                    let token = (!tokens.is_empty()).then(|| tokens[seq % tokens.len()].as_str());
+                    build("GET", path, token, None)?
+                }
+                Work::Refresh { .. } => {
+                    let Some(token) = refresh.as_deref() else { return Ok((n, errors, hist)) };
+                    build(
+                        "POST",
+                        "/v1/auth/refresh",
+                        None,
+                        Some(Bytes::from(json!({"refresh_token": token}).to_string())),
+                    )?
+                }
+                Work::Login { emails } => {
+                    let body = json!({"email": emails[seq % emails.len()], "password": PASSWORD}).to_string();
+                    build("POST", "/v1/auth/login", None, Some(Bytes::from(body)))?
+                }
+            };
+            seq += conns;
+            let t0 = Instant::now();
+            let resp = match sender.send_request(req).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    errors += 1;
+                    continue 'reconnect;
+                }
+            };
+            let ok = resp.status().is_success();
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            hist.record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?;
+            n += 1;
+            if !ok {
+                errors += 1;
+            }
+            if let Work::Refresh { .. } = work
+                && ok
+            {
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                refresh = v["refresh_token"].as_str().map(str::to_owned);
+            }
+        }
+    }
+    Ok((n, errors, hist))
+}
+
+/// Argon2id hashes per second on all cores, with the server's own parameters.
+fn argon2_bound(secs: f64) -> anyhow::Result<f64> {
+    use argon2::password_hash::PasswordHasher as _;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || -> u64 {
+                let Ok(argon) = latchkey::password::argon2() else { return 0 };
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if argon.hash_password(PASSWORD.as_bytes()).is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+struct Seeded {
+    emails: Arc<Vec<String>>,
+    access: Arc<Vec<String>>,
+    refresh: Arc<Vec<String>>,
+}
+
+async fn seed(addr: SocketAddr, users: usize, tag: &str) -> anyhow::Result<Seeded> {
+    let (mut emails, mut access, mut refresh) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..users {
+        let email = format!("bench-{tag}-{i}@example.com");
+        let (status, _) = request(
+            addr,
+            "POST",
+            "/v1/auth/register",
+            None,
+            Some(json!({"email": email, "password": PASSWORD})),
+        )
+        .await?;
+        if status != 201 {
+            bail!("seeding: register answered {status}");
+        }
+        let (status, tokens) = request(
+            addr,
+            "POST",
+            "/v1/auth/login",
+            None,
+            Some(json!({"email": email, "password": PASSWORD})),
+        )
+        .await?;
+        if status != 200 {
+            bail!("seeding: login answered {status}");
+        }
+        access.push(tokens["access_token"].as_str().unwrap_or_default().to_owned());
+        refresh.push(tokens["refresh_token"].as_str().unwrap_or_default().to_owned());
+        emails.push(email);
+    }
+    Ok(Seeded { emails: Arc::new(emails), access: Arc::new(access), refresh: Arc::new(refresh) })
+}
+
+fn server_binary(opts: &Opts) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &opts.server {
+        return std::fs::canonicalize(path).with_context(|| format!("--server {}", path.display()));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
+    println!("building the release server (cargo build --release --bin latchkey) …");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "-p", "latchkey", "--bin", "latchkey"])
+        .current_dir(&root)
+        .status()?;
+    if !status.success() {
+        bail!("building the server failed");
+    }
+    Ok(root.join("target/release/latchkey"))
+}
+
+async fn create_database(name: &str) -> anyhow::Result<()> {
+    use sea_orm::ConnectionTrait as _;
+    let admin = sea_orm::Database::connect(format!("{}/postgres", pg_base())).await?;
+    admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await?;
+    admin.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await?;
+    admin.close().await?;
+    Ok(())
+}
+
+async fn drop_database(name: &str) {
+    use sea_orm::ConnectionTrait as _;
+    if let Ok(admin) = sea_orm::Database::connect(format!("{}/postgres", pg_base())).await {
+        let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+        let _ = admin.close().await;
+    }
+}
+
+fn pg_base() -> String {
+    std::env::var("BENCH_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let opts = parse_opts()?;
+    let bin = server_binary(&opts)?;
+    let dir = std::env::temp_dir().join(format!("latchkey-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let db_name = format!("lk_bench_{}", std::process::id());
+    create_database(&db_name).await?;
+    let result = run(&opts, &bin, &dir, &db_name).await;
+    drop_database(&db_name).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Result<()> {
+    let secs = opts.seconds;
+    let conns = opts.conns;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    println!(
+        "latchkey-bench: {cores} cores, {conns} keep-alive connections, {secs} s per scenario. All load comes from \
+         127.0.0.1, so the rate limits are raised through RATE_LIMIT_* for this run."
+    );
+    let redis_env = vec![
+        // Loopback: TLS would only add rustls' root-store load and a handshake (~90 ms)
+        // to every new connection, start-up included.
+        ("DATABASE_URL".to_owned(), format!("{}/{db_name}?sslmode=disable", pg_base())),
+        (
+            "REDIS_URL".to_owned(),
+            std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        ),
+        ("REDIS_KEY_PREFIX".to_owned(), format!("lkbench:{}:", std::process::id())),
+    ];
+
+    // Start once to apply migrations, then measure a start with them already applied.
+    let first = Server::spawn(bin, &redis_env, dir)?;
+    first.wait_ready(Instant::now()).await?;
+    first.stop();
+    let started = Instant::now();
+    let server = Server::spawn(bin, &redis_env, dir)?;
+    let start_to_ready = server.wait_ready(started).await?;
+    let addr = server.addr;
+
+    // Idle: after start plus one login (and a moment for the allocator to return the
+    // argon2 block).
+    seed(addr, 1, "idle").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (idle_rss, _) = server.rss_kib();
+
+    let users = conns.max(8) * 2;
+    let seeded = seed(addr, users, "pg").await?;
+
+    let mut results = Vec::new();
+    let none = Arc::new(Vec::new());
+    let health =
+        drive("1. GET /health", addr, conns, secs, Work::Get { path: "/health", tokens: none }).await?;
+    let session = drive(
+        "2. GET /v1/auth/session (Redis)",
+        addr,
+        conns,
+        secs,
+        Work::Get { path: "/v1/auth/session", tokens: Arc::clone(&seeded.access) },
+    )
+    .await?;
+    let me = drive(
+        "3. GET /v1/users/me",
+        addr,
+        conns,
+        secs,
+        Work::Get { path: "/v1/users/me", tokens: Arc::clone(&seeded.access) },
+    )
+    .await?;
+    let refresh = drive(
+        "4. POST /v1/auth/refresh",
+        addr,
+        conns,
+        secs,
+        Work::Refresh { tokens: Arc::clone(&seeded.refresh) },
+    )
+    .await?;
+    let login = drive(
+        "5. POST /v1/auth/login",
+        addr,
+        conns,
+        secs,
+        Work::Login { emails: Arc::clone(&seeded.emails) },
+    )
+    .await?;
+    let bound = argon2_bound(secs.min(5.0))?;
+
+    // 6: a login storm at full argon2 capacity while scenario 2 runs.
+    let fresh = seed(addr, conns.max(8), "mix").await?;
+    let storm_emails = Arc::clone(&fresh.emails);
+    let storm = tokio::spawn(async move {
+        drive("6. login storm", addr, (cores * 4).max(4), secs + 1.0, Work::Login { emails: storm_emails })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let under_storm = drive(
+        "6. GET /v1/auth/session under a login storm",
+        addr,
+        conns,
+        secs,
+        Work::Get { path: "/v1/auth/session", tokens: Arc::clone(&fresh.access) },
+    )
+    .await?;
+    let storm = storm.await??;
+    let (_, peak_rss) = server.rss_kib();
+    server.stop();
+
+    // 2 again, with SQLite and the in-process store.
+    let sqlite_env =
+        vec![("DATABASE_URL".to_owned(), format!("sqlite://{}?mode=rwc", dir.join("bench.db").display()))];
+    let local = Server::spawn(bin, &sqlite_env, dir)?;
+    local.wait_ready(Instant::now()).await?;
+    let local_seeded = seed(local.addr, conns.max(8), "local").await?;
+    let local_session = drive(
+        "2b. GET /v1/auth/session (in-process store)",
+        local.addr,
+        conns,
+        secs,
+        Work::Get { path: "/v1/auth/session", tokens: Arc::clone(&local_seeded.access) },
+    )
+    .await?;
+    local.stop();
+
+    for s in [&health, &session, &local_session, &me, &refresh, &login, &storm, &under_storm] {
+        results.push(s.json());
+    }
+
+    println!("\n| scenario | req/s | p50 ms | p99 ms | errors |");
+    println!("|---|---:|---:|---:|---:|");
+    for s in [&health, &session, &local_session, &me, &refresh, &login, &storm, &under_storm] {
+        println!("| {} | {:.0} | {:.2} | {:.2} | {} |", s.name, s.rps(), s.p(0.50), s.p(0.99), s.errors);
+    }
+    println!("| argon2id bound ({cores} threads, m=19456 t=2 p=1) | {bound:.1} hashes/s | | | |");
+
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let targets = [
+        ("session (Redis) / health >= 0.60", ratio(session.rps(), health.rps()), 0.60, true),
+        ("me / health >= 0.35", ratio(me.rps(), health.rps()), 0.35, true),
+        ("login / argon2 bound >= 0.90", ratio(login.rps(), bound), 0.90, true),
+        (
+            "session p99 under storm / idle p99 <= 2.0",
+            ratio(under_storm.p(0.99), session.p(0.99)),
+            2.0,
+            false,
+        ),
+        ("idle RSS MiB <= 40", idle_rss as f64 / 1024.0, 40.0, false),
+        ("peak RSS MiB <= 150", peak_rss as f64 / 1024.0, 150.0, false),
+        ("start to ready ms <= 300", start_to_ready.as_secs_f64() * 1000.0, 300.0, false),
+    ];
+    println!("\n| target | measured | met |");
+    println!("|---|---:|---|");
+    let mut target_json = Vec::new();
+    for (name, value, limit, at_least) in targets {
+        let met = if at_least { value >= limit } else { value <= limit };
+        println!("| {name} | {value:.2} | {} |", if met { "yes" } else { "no" });
+        target_json.push(json!({"target": name, "measured": value, "met": met}));
+    }
+    let errors: u64 = [&health, &session, &local_session, &me, &refresh, &login, &storm, &under_storm]
+        .iter()
+        .map(|s| s.errors)
+        .sum();
+
+    let out = json!({
+        "when": chrono::Utc::now().to_rfc3339(),
+        "cores": cores,
+        "connections": conns,
+        "seconds_per_scenario": secs,
+        "smoke": opts.smoke,
+        "scenarios": results,
+        "argon2_hashes_per_s": bound,
+        "idle_rss_kib": idle_rss,
+        "peak_rss_kib": peak_rss,
+        "start_to_ready_ms": start_to_ready.as_secs_f64() * 1000.0,
+        "targets": target_json,
+        "errors": errors,
+    });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let path = root.join("target/bench/latest.json");
+    std::fs::create_dir_all(path.parent().context("dir")?)?;
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    println!(
+        "\nidle RSS {:.1} MiB, peak RSS {:.1} MiB, start to ready {:.0} ms; JSON: {}",
+        idle_rss as f64 / 1024.0,
+        peak_rss as f64 / 1024.0,
+        start_to_ready.as_secs_f64() * 1000.0,
+        path.display()
+    );
+    if errors > 0 {
+        bail!("{errors} requests failed (non-2xx or connection errors)");
+    }
+    Ok(())
+}
