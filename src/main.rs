@@ -7,8 +7,8 @@ use latchkey::config::Config;
 use latchkey::startup::Application;
 use latchkey::{api, cli, telemetry};
 
-/// mimalloc returns argon2's 19 MiB blocks to the OS soon after each hash; glibc's
-/// malloc kept hundreds of MiB of them (see BENCHMARKS.md).
+/// mimalloc (without transparent huge pages), so argon2's 19 MiB blocks go back to the
+/// OS; glibc's malloc kept hundreds of MiB of them (see BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

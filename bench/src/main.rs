@@ -86,6 +86,10 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // Allocator knobs pass through, so their effect can be measured.
+        for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("MIMALLOC_")) {
+            cmd.env(k, v);
+        }
         Ok(Self { child: cmd.spawn().context("starting the server")?, addr })
     }
 
