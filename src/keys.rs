@@ -442,13 +442,18 @@ impl KeyRing {
         validation.leeway = 0;
         let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
             .map_err(|_| ApiError::invalid_token("The token's signature or claims are not valid."))?;
-        let claims = data.claims;
-        let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(0);
-        if now.timestamp() > claims.exp.saturating_add(leeway) {
-            return Err(ApiError::new(ErrorCode::TokenExpired, "The access token has expired; refresh it."));
-        }
-        Ok(claims)
+        check_expiry(&data.claims, now)?;
+        Ok(data.claims)
     }
+}
+
+/// `exp` against the server's clock, with `LEEWAY`.
+fn check_expiry(claims: &AccessClaims, now: DateTime<Utc>) -> Result<(), ApiError> {
+    let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(0);
+    if now.timestamp() > claims.exp.saturating_add(leeway) {
+        return Err(ApiError::new(ErrorCode::TokenExpired, "The access token has expired; refresh it."));
+    }
+    Ok(())
 }
 
 /// Verified tokens remembered, so a token presented again skips the signature check.
@@ -483,13 +488,9 @@ impl KeyCache {
     ) -> Result<Arc<AccessClaims>, ApiError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(claims) = self.verified.get(&digest) {
-            let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(0);
-            if now.timestamp() > claims.exp.saturating_add(leeway) {
+            if let Err(e) = check_expiry(&claims, now) {
                 self.verified.remove(&digest);
-                return Err(ApiError::new(
-                    ErrorCode::TokenExpired,
-                    "The access token has expired; refresh it.",
-                ));
+                return Err(e);
             }
             return Ok(claims);
         }

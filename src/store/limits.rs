@@ -179,6 +179,12 @@ fn poisoned<T>(_: T) -> StoreError {
     StoreError::new("in-process limiter lock poisoned")
 }
 
+/// Drops failure counts no longer remembered and not cooling down.
+fn forget_stale_failures(failures: &mut HashMap<String, Failures>, now_ms: i64, memory_ms: u64) {
+    let memory = i64::try_from(memory_ms).unwrap_or(i64::MAX);
+    failures.retain(|_, f| now_ms - f.last_ms < memory || f.until_ms > now_ms);
+}
+
 impl MemoryLimits {
     pub fn with_capacity(max_entries: usize) -> Self {
         Self { buckets: Mutex::default(), failures: Mutex::default(), max_entries: max_entries.max(16) }
@@ -197,9 +203,8 @@ impl MemoryLimits {
         if let Ok(mut buckets) = self.buckets.lock() {
             buckets.retain(|_, (b, rate)| !b.is_idle(*rate, now_ms));
         }
-        let memory = i64::try_from(cooldown_memory_ms).unwrap_or(i64::MAX);
         if let Ok(mut failures) = self.failures.lock() {
-            failures.retain(|_, f| now_ms - f.last_ms < memory || f.until_ms > now_ms);
+            forget_stale_failures(&mut failures, now_ms, cooldown_memory_ms);
         }
     }
 
@@ -249,8 +254,7 @@ impl LimitStore for MemoryLimits {
     ) -> Result<(), StoreError> {
         let mut failures = self.failures.lock().map_err(poisoned)?;
         if failures.len() >= self.max_entries && !failures.contains_key(account) {
-            let memory = i64::try_from(policy.memory_ms()).unwrap_or(i64::MAX);
-            failures.retain(|_, f| now_ms - f.last_ms < memory || f.until_ms > now_ms);
+            forget_stale_failures(&mut failures, now_ms, policy.memory_ms());
             if failures.len() >= self.max_entries {
                 // Still full of fresh failures: forget the oldest before counting a new one.
                 if let Some(oldest) = failures.iter().min_by_key(|(_, f)| f.last_ms).map(|(k, _)| k.clone()) {

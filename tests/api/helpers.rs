@@ -53,18 +53,7 @@ pub struct Resources {
 impl Resources {
     /// Resources on a database the test provides itself.
     pub fn on_database(database_url: String, store: &Store) -> Arc<Self> {
-        let redis_url = match store {
-            Store::InProcess => None,
-            Store::Redis => Some(shared_redis_url()),
-            Store::RedisAt(url) => Some(url.clone()),
-        };
-        Arc::new(Self {
-            database_url,
-            pg_database: None,
-            redis_prefix: format!("lktest:{}:", uuid::Uuid::new_v4().simple()),
-            redis_url,
-            _dir: tempfile::tempdir().expect("tempdir"),
-        })
+        Self::build(database_url, None, store, tempfile::tempdir().expect("tempdir"))
     }
 
     pub async fn new(backend: Backend, store: &Store) -> Arc<Self> {
@@ -78,6 +67,15 @@ impl Resources {
                 (format!("{}/{name}", admin_pg_url()), Some(name))
             }
         };
+        Self::build(database_url, pg_database, store, dir)
+    }
+
+    fn build(
+        database_url: String,
+        pg_database: Option<String>,
+        store: &Store,
+        dir: tempfile::TempDir,
+    ) -> Arc<Self> {
         let redis_url = match store {
             Store::InProcess => None,
             Store::Redis => Some(shared_redis_url()),
