@@ -203,6 +203,7 @@ impl Stats {
 
 /// Keeps `conns` keep-alive connections busy for `secs`, one request at a time each.
 async fn drive(name: &str, addr: SocketAddr, conns: usize, secs: f64, work: Work) -> anyhow::Result<Stats> {
+    eprintln!("running: {name}");
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
