@@ -395,6 +395,34 @@ async fn drop_database(name: &str) {
     }
 }
 
+/// Leaves the shared Redis as it found it.
+async fn delete_redis_keys(pattern: &str) {
+    let url = std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let Ok(client) = redis::Client::open(url) else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
 fn pg_base() -> String {
     std::env::var("BENCH_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
@@ -409,6 +437,7 @@ async fn main() -> anyhow::Result<()> {
     create_database(&db_name).await?;
     let result = run(&opts, &bin, &dir, &db_name).await;
     drop_database(&db_name).await;
+    delete_redis_keys(&format!("lkbench:{}:*", std::process::id())).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
