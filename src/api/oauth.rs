@@ -268,8 +268,12 @@ impl OAuthApi {
 /// The session a token belongs to, if it is a token of ours at all: a verifiable access
 /// token (even expired), or a known refresh token.
 async fn session_of(state: &AppState, presented: &str) -> Result<Option<uuid::Uuid>, ApiError> {
-    let ring = state.keys.current();
-    match ring.verify(presented, &state.config.jwt_issuer, &state.config.jwt_audience, state.clock.now()) {
+    match state.keys.verify(
+        presented,
+        &state.config.jwt_issuer,
+        &state.config.jwt_audience,
+        state.clock.now(),
+    ) {
         Ok(claims) => return Ok(Some(claims.sid)),
         Err(e) if e.code == ErrorCode::TokenExpired => return Ok(None),
         Err(_) => {}
@@ -283,8 +287,9 @@ async fn session_of(state: &AppState, presented: &str) -> Result<Option<uuid::Uu
 
 async fn introspect(state: &AppState, presented: &str) -> Result<Introspection, ApiError> {
     let now = state.clock.now();
-    let ring = state.keys.current();
-    if let Ok(claims) = ring.verify(presented, &state.config.jwt_issuer, &state.config.jwt_audience, now) {
+    if let Ok(claims) =
+        state.keys.verify(presented, &state.config.jwt_issuer, &state.config.jwt_audience, now)
+    {
         let live = state.store.session(claims.sid).await?.is_some_and(|s| s.user_id == claims.sub);
         if !live {
             return Ok(Introspection::default());
@@ -293,9 +298,9 @@ async fn introspect(state: &AppState, presented: &str) -> Result<Introspection, 
             active: true,
             token_type: Some("access_token".into()),
             sub: Some(claims.sub.to_string()),
-            client_id: Some(claims.client_id),
-            iss: Some(claims.iss),
-            aud: Some(claims.aud),
+            client_id: Some(claims.client_id.clone()),
+            iss: Some(claims.iss.clone()),
+            aud: Some(claims.aud.clone()),
             exp: Some(claims.exp),
             iat: Some(claims.iat),
             jti: Some(claims.jti.to_string()),

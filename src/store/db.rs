@@ -50,6 +50,25 @@ pub async fn ping(db: &DatabaseConnection, timeout: Duration) -> Result<(), Stri
     }
 }
 
+/// Runs `work` under the start-up lock: on PostgreSQL on a one-connection pool holding
+/// the advisory lock (released and closed whatever `work` returns); elsewhere on `db`.
+async fn with_startup_lock<T>(
+    config: &Config,
+    db: &DatabaseConnection,
+    work: impl AsyncFnOnce(&DatabaseConnection) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return work(db).await;
+    }
+    let conn = locked_connection(config).await?;
+    let result = work(&conn).await;
+    let unlocked = unlock(&conn).await;
+    let _ = conn.close().await;
+    let value = result?;
+    unlocked?;
+    Ok(value)
+}
+
 /// Migrations and the first signing key, under one start-up lock on PostgreSQL so several
 /// instances starting at once neither race on DDL nor each generate a "first" key.
 pub async fn migrate_and_prepare(
@@ -57,23 +76,12 @@ pub async fn migrate_and_prepare(
     db: &DatabaseConnection,
     now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<()> {
-    if db.get_database_backend() != DbBackend::Postgres {
-        Migrator::up(db, None).await?;
-        crate::keys::prepare(db, now, &config.key_settings()).await?;
-        return Ok(());
-    }
-    let conn = locked_connection(config).await?;
-    let result: anyhow::Result<()> = async {
-        Migrator::up(&conn, None).await?;
-        crate::keys::prepare(&conn, now, &config.key_settings()).await?;
+    with_startup_lock(config, db, async |conn| {
+        Migrator::up(conn, None).await?;
+        crate::keys::prepare(conn, now, &config.key_settings()).await?;
         Ok(())
-    }
-    .await;
-    let unlocked = unlock(&conn).await;
-    let _ = conn.close().await;
-    result?;
-    unlocked?;
-    Ok(())
+    })
+    .await
 }
 
 /// A one-connection pool holding the start-up advisory lock (a lock belongs to a session).
@@ -105,43 +113,28 @@ pub async fn rotate_if_due(
     now: chrono::DateTime<chrono::Utc>,
     every: Duration,
 ) -> anyhow::Result<bool> {
+    use crate::store::entity::signing_key;
     use sea_orm::{EntityTrait as _, QueryOrder as _};
-    let due = |newest: Option<crate::store::entity::signing_key::Model>| {
-        let every = chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX);
-        newest.is_some_and(|k| now - k.created_at >= every)
+    let every = chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX);
+    let due = async |conn: &DatabaseConnection| -> Result<bool, DbErr> {
+        let newest =
+            signing_key::Entity::find().order_by_desc(signing_key::Column::CreatedAt).one(conn).await?;
+        Ok(newest.is_some_and(|k| now - k.created_at >= every))
     };
-    let newest = || {
-        crate::store::entity::signing_key::Entity::find()
-            .order_by_desc(crate::store::entity::signing_key::Column::CreatedAt)
-            .one(db)
-    };
-    if !due(newest().await?) {
+    // A cheap look first, without the lock; then again under it.
+    if !due(db).await? {
         return Ok(false);
     }
-    let settings = config.key_settings();
-    if db.get_database_backend() != DbBackend::Postgres {
-        crate::keys::rotate(db, now, &settings).await?;
-        return Ok(true);
-    }
-    let conn = locked_connection(config).await?;
-    let result: anyhow::Result<bool> = async {
-        let newest = crate::store::entity::signing_key::Entity::find()
-            .order_by_desc(crate::store::entity::signing_key::Column::CreatedAt)
-            .one(&conn)
-            .await?;
-        if !due(newest) {
+    let rotated = with_startup_lock(config, db, async |conn| {
+        if !due(conn).await? {
             return Ok(false);
         }
-        crate::keys::rotate(&conn, now, &settings).await?;
+        crate::keys::rotate(conn, now, &config.key_settings()).await?;
         Ok(true)
-    }
-    .await;
-    let unlocked = unlock(&conn).await;
-    let _ = conn.close().await;
-    let rotated = result?;
-    unlocked?;
+    })
+    .await?;
     if rotated {
-        tracing::info!("rotated the signing key (KEY_ROTATION_INTERVAL)");
+        tracing::info!("rotated the signing key");
     }
     Ok(rotated)
 }
