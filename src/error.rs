@@ -117,7 +117,7 @@ pub struct Problem {
     pub detail: String,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{}: {detail}", code.as_str())]
 pub struct ApiError {
     pub code: ErrorCode,

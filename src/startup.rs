@@ -25,8 +25,9 @@ use crate::error::{ApiError, ErrorCode, into_problem};
 use crate::keys::{KeyCache, KeyRing};
 use crate::metrics::{Metrics, Timed};
 use crate::password::PasswordHasher;
-use crate::service::sessions;
+use crate::service::{sessions, users};
 use crate::state::AppState;
+use crate::store::batch::Batcher;
 use crate::store::db;
 use crate::store::limits::{LimitStore, MemoryLimits, RedisLimits};
 use crate::store::revocation::{MemoryStore, RedisStore, RevocationStore};
@@ -99,7 +100,22 @@ impl Application {
         };
 
         let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity);
-        let state = Arc::new(AppState { config, db, store, limits, keys, hasher, clock, audit, metrics });
+        let profiles = {
+            let db = db.clone();
+            // Two queries at a time: one in the database while the next batch gathers.
+            // More only splits the same requests into smaller batches (64 users, wrk -c32:
+            // 21.5k, 20.6k and 19.3k req/s with 1, 2 and 5).
+            Batcher::spawn(
+                users::PROFILE_BATCH,
+                2.min(config.database_max_connections as usize),
+                move |ids| {
+                    let db = db.clone();
+                    async move { users::profiles(&db, ids).await }
+                },
+            )
+        };
+        let state =
+            Arc::new(AppState { config, db, store, limits, keys, hasher, clock, audit, metrics, profiles });
         sessions::spawn_pruner(Arc::downgrade(&state));
         crate::audit::spawn_pruner(Arc::downgrade(&state));
         spawn_key_refresher(Arc::downgrade(&state));

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
+use uuid::Uuid;
 
 use crate::audit::Auditor;
 use crate::clock::Clock;
@@ -10,6 +11,8 @@ use crate::config::Config;
 use crate::keys::KeyCache;
 use crate::metrics::Metrics;
 use crate::password::PasswordHasher;
+use crate::service::users::Profile;
+use crate::store::batch::Batcher;
 use crate::store::limits::LimitStore;
 use crate::store::revocation::RevocationStore;
 
@@ -23,4 +26,6 @@ pub struct AppState {
     pub clock: Clock,
     pub audit: Auditor,
     pub metrics: Arc<Metrics>,
+    /// `/v1/users/me`'s reads, folded together under load.
+    pub profiles: Batcher<Uuid, Profile>,
 }

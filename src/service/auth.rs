@@ -453,16 +453,12 @@ pub async fn find_refresh_token(
         .await?)
 }
 
-pub async fn profile(state: &AppState, user_id: Uuid) -> Result<(user::Model, Vec<String>), ApiError> {
-    // One round trip: the user joined with its roles.
-    let (account, roles) = user::Entity::find_by_id(user_id)
-        .find_with_related(role::Entity)
-        .all(&state.db)
+/// The signed-in account and its roles, read from SQL (by a query that may serve other
+/// requests arriving at the same moment: see [`crate::store::batch`]).
+pub async fn profile(state: &AppState, user_id: Uuid) -> Result<users::Profile, ApiError> {
+    state
+        .profiles
+        .get(user_id)
         .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| ApiError::new(ErrorCode::TokenRevoked, "The account no longer exists."))?;
-    let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
-    roles.sort();
-    Ok((account, roles))
+        .ok_or_else(|| ApiError::new(ErrorCode::TokenRevoked, "The account no longer exists."))
 }

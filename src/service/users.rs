@@ -1,5 +1,7 @@
 //! Accounts and roles outside the HTTP flow: the CLI's `user create` and role changes.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _, Set, SqlErr,
@@ -9,6 +11,38 @@ use uuid::Uuid;
 use crate::domain::Email;
 use crate::error::{ApiError, ErrorCode};
 use crate::store::entity::{role, user, user_role};
+
+/// An account and its role names, sorted.
+pub type Profile = (user::Model, Vec<String>);
+
+/// The most ids one profile query asks for.
+pub const PROFILE_BATCH: usize = 32;
+
+/// The accounts among `ids` (at most [`PROFILE_BATCH`]) with their roles, in one query: the
+/// users joined with their roles. The id list is padded to a power of two by repeating an
+/// id, so the statement cache of each pooled PostgreSQL connection holds at most six
+/// shapes of this query instead of one per batch size.
+pub async fn profiles(
+    db: &impl ConnectionTrait,
+    mut ids: Vec<Uuid>,
+) -> Result<HashMap<Uuid, Profile>, ApiError> {
+    if let Some(&last) = ids.last() {
+        ids.resize(ids.len().next_power_of_two(), last);
+    }
+    let rows = user::Entity::find()
+        .filter(user::Column::Id.is_in(ids))
+        .find_with_related(role::Entity)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(account, roles)| {
+            let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
+            roles.sort();
+            (account.id, (account, roles))
+        })
+        .collect())
+}
 
 /// Inserts an account; a taken email is `email_taken`.
 pub async fn insert_user(

@@ -32,6 +32,10 @@ pub async fn connect_with(config: &Config, max: u32) -> Result<DatabaseConnectio
         .connect_timeout(config.database_acquire_timeout)
         .idle_timeout(config.database_idle_timeout)
         .sqlx_logging(false)
+        // sqlx pings every connection it hands out by default: a second round trip for
+        // each query. Ping only one that has sat idle long enough to have been dropped;
+        // a busy connection that broke fails its query (503) and is closed on release.
+        .test_before_acquire_if_idle_for(Duration::from_secs(5))
         .map_sqlx_sqlite_opts(|o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)

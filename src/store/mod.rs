@@ -1,5 +1,6 @@
 //! Persistence: SQL (the durable truth) and the revocation store (fast session state).
 
+pub mod batch;
 pub mod db;
 pub mod entity;
 pub mod limits;

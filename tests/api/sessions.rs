@@ -266,6 +266,34 @@ async fn admin_routes_need_the_role_in_sql(app: TestApp) {
         .await;
 }
 
+both!(concurrent_profile_reads_each_get_their_own_account);
+/// `/v1/users/me` reads of concurrent requests share SQL queries: each must still get its
+/// own account, and see a change made in SQL just before it.
+async fn concurrent_profile_reads_each_get_their_own_account(app: TestApp) {
+    let emails: Vec<String> = (0..10).map(|i| format!("reader-{i}@example.com")).collect();
+    let mut tokens = Vec::new();
+    for email in &emails {
+        tokens.push(app.user(email).await);
+    }
+    latchkey::service::users::grant_role(&app.state.db, &emails[3], "admin", app.clock.now()).await.unwrap();
+
+    let app = &app;
+    let reads = (0..6).flat_map(|_| tokens.iter().enumerate()).map(|(i, t)| async move {
+        let resp = app.get("/v1/users/me", Some(&t.access)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        (i, resp.json::<Value>().await.unwrap())
+    });
+    for (i, me) in join_all(reads).await {
+        assert_eq!(me["email"], emails[i].as_str(), "request {i} got another account's profile");
+        let roles = if i == 3 { serde_json::json!(["admin"]) } else { serde_json::json!([]) };
+        assert_eq!(me["roles"], roles);
+    }
+
+    latchkey::service::users::revoke_role(&app.state.db, &emails[3], "admin").await.unwrap();
+    let me: Value = app.get("/v1/users/me", Some(&tokens[3].access)).await.json().await.unwrap();
+    assert_eq!(me["roles"], serde_json::json!([]), "the next read sees the change");
+}
+
 both!(a_session_ends_at_its_absolute_lifetime);
 async fn a_session_ends_at_its_absolute_lifetime(app: TestApp) {
     let (_, first) = app.signed_in_user().await;
