@@ -1,4 +1,4 @@
-//! Accounts and roles outside the HTTP flow: the CLI's `user create` and role changes.
+//! Accounts and roles: reading profiles (for `/v1/users/me`), the CLI's `user create`, and role changes.
 
 use std::collections::HashMap;
 
