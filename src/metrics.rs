@@ -177,7 +177,7 @@ mod timed_impls {
     use super::Timed;
     use crate::config::Rate;
     use crate::rate_limit::{CooldownPolicy, Decision};
-    use crate::store::limits::LimitStore;
+    use crate::store::limits::{Admission, LimitStore, LoginBudgets};
     use crate::store::revocation::{Activation, RevocationStore, SessionRecord, StoreError};
 
     #[async_trait]
@@ -204,8 +204,8 @@ mod timed_impls {
         async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
             self.time(self.inner.take(key, rate, now_ms)).await
         }
-        async fn cooldown(&self, account: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
-            self.time(self.inner.cooldown(account, now_ms)).await
+        async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
+            self.time(self.inner.admit_login(login, now_ms)).await
         }
         async fn record_failure(
             &self,

@@ -84,14 +84,9 @@ pub async fn login(
     password: Password,
     client: &ClientInfo,
 ) -> Result<Tokens, ApiError> {
-    let limits = &state.config;
-    limit::charge(state, Limit::LoginPerIp, &limit::ip_key(client), limits.rate_limit_login_per_ip, client)
-        .await?;
     // The same normalisation as `Email::parse`, so a malformed address still has a budget.
     let account_key = raw_email.trim().to_lowercase();
-    limit::charge(state, Limit::LoginPerAccount, &account_key, limits.rate_limit_login_per_account, client)
-        .await?;
-    limit::check_cooldown(state, &account_key, client).await?;
+    let failures_to_forget = limit::admit_login(state, &account_key, client).await?;
 
     let now = state.clock.now();
     let account_key = account_key.as_str();
@@ -107,14 +102,16 @@ pub async fn login(
     };
     // A malformed email cannot belong to an account: answered like a wrong password.
     let Ok(email) = Email::parse(raw_email) else { return fail(None).await };
-    let account = user::Entity::find().filter(user::Column::Email.eq(email.as_str())).one(&state.db).await?;
+    let found = users::profile_by_email(&state.db, &email).await?;
     // Unknown emails verify against the dummy hash: the same work, the same answer.
-    let ok = state.hasher.verify(password, account.as_ref().map(|u| u.password_hash.as_str())).await?;
-    let account = match account {
-        Some(account) if ok => account,
-        other => return fail(other.map(|a| a.id)).await,
+    let ok = state.hasher.verify(password, found.as_ref().map(|(u, _)| u.password_hash.as_str())).await?;
+    let (account, roles) = match found {
+        Some(profile) if ok => profile,
+        other => return fail(other.map(|(a, _)| a.id)).await,
     };
-    state.limits.clear_failures(account_key).await?;
+    if failures_to_forget {
+        state.limits.clear_failures(account_key).await?;
+    }
     state.metrics.login("success");
 
     let ttl = chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
@@ -145,7 +142,6 @@ pub async fn login(
         .filter(user::Column::Id.eq(account.id))
         .exec(&txn)
         .await?;
-    let roles = roles_of(&txn, account.id).await?;
     txn.commit().await?;
     state.audit.record(
         AuditEvent::new("login_success", "success", now)

@@ -7,6 +7,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::rate_limit::Decision;
 use crate::service::ClientInfo;
 use crate::state::AppState;
+use crate::store::limits::{Admission, LoginBudgets, Refusal};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
@@ -62,13 +63,29 @@ pub async fn charge(
     }
 }
 
-/// Refuses a login to an account that is cooling down after repeated failures.
-pub async fn check_cooldown(state: &AppState, account: &str, client: &ClientInfo) -> Result<(), ApiError> {
-    match state.limits.cooldown(account, state.clock.now().timestamp_millis()).await? {
-        None => Ok(()),
-        Some(ms) => {
-            let secs = Decision::Denied { retry_after_ms: ms }.retry_after_secs().unwrap_or(1);
-            Err(limited(state, Limit::LoginCooldown, secs, client))
+/// Charges a login attempt to its address's and its account's budgets and checks the
+/// account's cool-down, in one call to the store. Answers whether the account has failed
+/// attempts that a successful login must forget.
+pub async fn admit_login(state: &AppState, account: &str, client: &ClientInfo) -> Result<bool, ApiError> {
+    let ip_bucket = format!("{}:{}", Limit::LoginPerIp.as_str(), ip_key(client));
+    let account_bucket = format!("{}:{account}", Limit::LoginPerAccount.as_str());
+    let budgets = LoginBudgets {
+        ip_bucket: &ip_bucket,
+        ip_rate: state.config.rate_limit_login_per_ip,
+        account_bucket: &account_bucket,
+        account_rate: state.config.rate_limit_login_per_account,
+        account,
+    };
+    match state.limits.admit_login(&budgets, state.clock.now().timestamp_millis()).await? {
+        Admission::Admitted { failures } => Ok(failures),
+        Admission::Refused { by, retry_after_ms } => {
+            let limit = match by {
+                Refusal::IpBudget => Limit::LoginPerIp,
+                Refusal::AccountBudget => Limit::LoginPerAccount,
+                Refusal::Cooldown => Limit::LoginCooldown,
+            };
+            let secs = Decision::Denied { retry_after_ms }.retry_after_secs().unwrap_or(1);
+            Err(limited(state, limit, secs, client))
         }
     }
 }

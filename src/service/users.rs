@@ -36,12 +36,28 @@ pub async fn profiles(
         .await?;
     Ok(rows
         .into_iter()
-        .map(|(account, roles)| {
-            let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
-            roles.sort();
-            (account.id, (account, roles))
+        .map(|row| {
+            let profile = profile(row);
+            (profile.0.id, profile)
         })
         .collect())
+}
+
+/// The account with this (normalised) email and its roles, in one query: what a login
+/// verifies the password against and puts in the access token.
+pub async fn profile_by_email(db: &impl ConnectionTrait, email: &Email) -> Result<Option<Profile>, ApiError> {
+    let rows = user::Entity::find()
+        .filter(user::Column::Email.eq(email.as_str()))
+        .find_with_related(role::Entity)
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().next().map(profile))
+}
+
+fn profile((account, roles): (user::Model, Vec<role::Model>)) -> Profile {
+    let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
+    roles.sort();
+    (account, roles)
 }
 
 /// Inserts an account; a taken email is `email_taken`.

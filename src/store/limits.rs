@@ -15,8 +15,10 @@ use crate::store::revocation::StoreError;
 pub trait LimitStore: Send + Sync + 'static {
     /// Takes one token from the bucket `key`.
     async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError>;
-    /// Milliseconds left of the account's cool-down, if it is cooling down.
-    async fn cooldown(&self, account: &str, now_ms: i64) -> Result<Option<u64>, StoreError>;
+    /// A login attempt's three checks in one call (one round trip to Redis): a token from
+    /// the address's bucket, then one from the account's, then the account's cool-down.
+    /// The first refusal ends it: a refused attempt spends nothing further.
+    async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError>;
     /// Counts a failed login; starts or extends the cool-down past the threshold.
     async fn record_failure(
         &self,
@@ -28,26 +30,81 @@ pub trait LimitStore: Send + Sync + 'static {
     async fn clear_failures(&self, account: &str) -> Result<(), StoreError>;
 }
 
-// The token bucket of `rate_limit::Bucket`, atomically in Redis. Tokens are fractional.
-// An untouched bucket is full after one period, so it may expire then.
-const TAKE: &str = r"
-local capacity = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 't', 'u')
-local tokens = tonumber(b[1])
-local updated = tonumber(b[2])
-if tokens == nil or updated == nil then tokens = capacity; updated = now end
-local elapsed = now - updated
-if elapsed < 0 then elapsed = 0 end
-tokens = math.min(capacity, tokens + elapsed * capacity / period)
-if now > updated then updated = now end
-local retry = 0
-if tokens >= 1 then tokens = tokens - 1 else retry = math.ceil((1 - tokens) * period / capacity) end
-redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 'u', string.format('%d', updated))
-redis.call('PEXPIRE', KEYS[1], period)
-return retry
-";
+/// The buckets and the account a login attempt is charged to.
+#[derive(Clone, Copy, Debug)]
+pub struct LoginBudgets<'a> {
+    pub ip_bucket: &'a str,
+    pub ip_rate: Rate,
+    pub account_bucket: &'a str,
+    pub account_rate: Rate,
+    /// Whose failures and cool-down count (the normalised email).
+    pub account: &'a str,
+}
+
+/// Which check refused a login attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    IpBudget,
+    AccountBudget,
+    Cooldown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead. `failures`: the account has failed attempts that a success must forget.
+    Admitted {
+        failures: bool,
+    },
+    Refused {
+        by: Refusal,
+        retry_after_ms: u64,
+    },
+}
+
+// The token bucket of `rate_limit::Bucket`, atomically in Redis, as a Lua function that
+// returns the milliseconds until a token is due (0: taken). Tokens are fractional. An
+// untouched bucket is full after one period, so it may expire then.
+macro_rules! lua_take {
+    () => {
+        r"
+local function take(key, capacity, period, now)
+  local b = redis.call('HMGET', key, 't', 'u')
+  local tokens = tonumber(b[1])
+  local updated = tonumber(b[2])
+  if tokens == nil or updated == nil then tokens = capacity; updated = now end
+  local elapsed = now - updated
+  if elapsed < 0 then elapsed = 0 end
+  tokens = math.min(capacity, tokens + elapsed * capacity / period)
+  if now > updated then updated = now end
+  local retry = 0
+  if tokens >= 1 then tokens = tokens - 1 else retry = math.ceil((1 - tokens) * period / capacity) end
+  redis.call('HSET', key, 't', string.format('%.17g', tokens), 'u', string.format('%d', updated))
+  redis.call('PEXPIRE', key, period)
+  return retry
+end
+"
+    };
+}
+
+const TAKE: &str =
+    concat!(lua_take!(), "return take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))");
+
+// KEYS: the address's bucket, the account's bucket, the account's failure record.
+// Returns {check, retry_ms, failures}: check 0 admits, 1 to 3 name the refusing check.
+const ADMIT_LOGIN: &str = concat!(
+    lua_take!(),
+    r"
+local now = tonumber(ARGV[5])
+local retry = take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
+if retry > 0 then return {1, retry, 0} end
+retry = take(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+if retry > 0 then return {2, retry, 0} end
+local f = redis.call('HMGET', KEYS[3], 'until', 'n')
+local cool_until = tonumber(f[1])
+if cool_until ~= nil and cool_until > now then return {3, cool_until - now, 0} end
+return {0, 0, tonumber(f[2]) or 0}
+"
+);
 
 // One more consecutive failure; past the threshold, cool down for base * 2^(n - threshold),
 // at most max.
@@ -71,6 +128,7 @@ pub struct RedisLimits {
     conn: ConnectionManager,
     prefix: String,
     take: redis::Script,
+    admit_login: redis::Script,
     fail: redis::Script,
 }
 
@@ -80,8 +138,13 @@ impl RedisLimits {
             conn,
             prefix: prefix.to_owned(),
             take: redis::Script::new(TAKE),
+            admit_login: redis::Script::new(ADMIT_LOGIN),
             fail: redis::Script::new(FAIL),
         }
+    }
+
+    fn bucket_key(&self, bucket: &str) -> String {
+        format!("{}rl:{bucket}", self.prefix)
     }
 
     fn cool_key(&self, account: &str) -> String {
@@ -99,7 +162,7 @@ impl LimitStore for RedisLimits {
         let mut conn = self.conn.clone();
         let retry: i64 = self
             .take
-            .key(format!("{}rl:{key}", self.prefix))
+            .key(self.bucket_key(key))
             .arg(rate.capacity)
             .arg(period_ms(rate))
             .arg(now_ms)
@@ -113,15 +176,29 @@ impl LimitStore for RedisLimits {
         })
     }
 
-    async fn cooldown(&self, account: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+    async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
         let mut conn = self.conn.clone();
-        let until: Option<i64> = redis::cmd("HGET")
-            .arg(self.cool_key(account))
-            .arg("until")
-            .query_async(&mut conn)
+        let (check, retry, failures): (i64, i64, i64) = self
+            .admit_login
+            .key(self.bucket_key(login.ip_bucket))
+            .key(self.bucket_key(login.account_bucket))
+            .key(self.cool_key(login.account))
+            .arg(login.ip_rate.capacity)
+            .arg(period_ms(login.ip_rate))
+            .arg(login.account_rate.capacity)
+            .arg(period_ms(login.account_rate))
+            .arg(now_ms)
+            .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
-        Ok(until.filter(|u| *u > now_ms).map(|u| (u - now_ms).unsigned_abs()))
+        let by = match check {
+            0 => return Ok(Admission::Admitted { failures: failures > 0 }),
+            1 => Refusal::IpBudget,
+            2 => Refusal::AccountBudget,
+            3 => Refusal::Cooldown,
+            other => return Err(StoreError::new(format!("login admission script answered {other}"))),
+        };
+        Ok(Admission::Refused { by, retry_after_ms: retry.unsigned_abs().max(1) })
     }
 
     async fn record_failure(
@@ -238,12 +315,24 @@ impl LimitStore for MemoryLimits {
         Ok(bucket.take(rate, now_ms))
     }
 
-    async fn cooldown(&self, account: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+    async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
+        for (bucket, rate, by) in [
+            (login.ip_bucket, login.ip_rate, Refusal::IpBudget),
+            (login.account_bucket, login.account_rate, Refusal::AccountBudget),
+        ] {
+            if let Decision::Denied { retry_after_ms } = self.take(bucket, rate, now_ms).await? {
+                return Ok(Admission::Refused { by, retry_after_ms });
+            }
+        }
         let failures = self.failures.lock().map_err(poisoned)?;
-        Ok(failures
-            .get(account)
-            .filter(|f| f.until_ms > now_ms)
-            .map(|f| (f.until_ms - now_ms).unsigned_abs()))
+        Ok(match failures.get(login.account) {
+            Some(f) if f.until_ms > now_ms => Admission::Refused {
+                by: Refusal::Cooldown,
+                retry_after_ms: (f.until_ms - now_ms).unsigned_abs(),
+            },
+            Some(f) => Admission::Admitted { failures: f.count > 0 },
+            None => Admission::Admitted { failures: false },
+        })
     }
 
     async fn record_failure(

@@ -96,6 +96,34 @@ async fn many_ips_trying_one_account_are_limited(app: TestApp) {
 }
 
 both!(
+    an_attempt_refused_by_its_address_spends_nothing_of_the_account,
+    &[
+        ("RATE_LIMIT_LOGIN_PER_IP", "2/1m"),
+        ("RATE_LIMIT_LOGIN_PER_ACCOUNT", "3/1m"),
+        ("TRUSTED_PROXIES", "127.0.0.1"),
+        ("LOGIN_COOLDOWN_THRESHOLD", "100")
+    ]
+);
+async fn an_attempt_refused_by_its_address_spends_nothing_of_the_account(app: TestApp) {
+    assert_eq!(app.register("victim@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    for _ in 0..2 {
+        assert_eq!(
+            login_from(&app, "victim@example.com", "wrong password", "198.51.100.7").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // The address is spent; its further attempts must not drain the account's last token.
+    for _ in 0..3 {
+        assert_limited(login_from(&app, "victim@example.com", "wrong password", "198.51.100.7").await).await;
+    }
+    assert_eq!(
+        login_from(&app, "victim@example.com", PASSWORD, "198.51.100.8").await.status(),
+        StatusCode::OK,
+        "the account's third token is still there"
+    );
+}
+
+both!(
     register_and_refresh_are_limited_per_ip,
     &[("RATE_LIMIT_REGISTER_PER_IP", "2/1m"), ("RATE_LIMIT_REFRESH_PER_IP", "2/1m")]
 );

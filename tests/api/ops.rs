@@ -68,6 +68,24 @@ async fn metrics_move_with_requests_and_stay_off_the_public_listener() {
     assert_problem(app.get("/metrics", None).await, StatusCode::NOT_FOUND, "not_found").await;
 }
 
+/// The round trips a login makes to Redis: one for the limits and the cool-down together,
+/// one to make the session live. The benchmark's login figure depends on it.
+#[tokio::test]
+async fn a_login_costs_two_redis_round_trips() {
+    let app = TestApp::spawn_with(Backend::Postgres, Store::Redis, &[]).await;
+    let redis_calls =
+        |scrape: &str| value(scrape, r#"latchkey_dependency_duration_seconds_count{dependency="redis"}"#);
+    let (email, _) = app.signed_in_user().await;
+    // A first failure, so that the next success has failures to forget.
+    assert_eq!(app.login(&email, "wrong password").await.status(), StatusCode::UNAUTHORIZED);
+    let before = redis_calls(&scrape(&app).await);
+    assert_eq!(app.login(&email, PASSWORD).await.status(), StatusCode::OK);
+    let after_first = redis_calls(&scrape(&app).await);
+    assert_eq!(after_first - before, 3.0, "limits, forgetting the failure, the session");
+    assert_eq!(app.login(&email, PASSWORD).await.status(), StatusCode::OK);
+    assert_eq!(redis_calls(&scrape(&app).await) - after_first, 2.0, "limits, the session");
+}
+
 #[tokio::test]
 async fn a_scripted_sequence_leaves_exactly_its_audit_rows() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
