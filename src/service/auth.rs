@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{CommonTableExpression, Expr, WithClause};
 use sea_orm::{
-    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _,
-    QuerySelect as _, Set, TransactionTrait as _,
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend,
+    EntityTrait as _, QueryFilter as _, QuerySelect as _, QueryTrait as _, Set, TransactionTrait as _,
 };
 use uuid::Uuid;
 
@@ -122,27 +122,19 @@ pub async fn login(
     let ip = client.ip.map(|ip| ip.to_string());
     let ua = user_agent(client);
 
-    let txn = state.db.begin().await?;
-    session::ActiveModel {
+    let new_session = session::ActiveModel {
         id: Set(session_id),
         user_id: Set(account.id),
-        user_agent: Set(ua.clone()),
+        user_agent: Set(ua),
         ip_address: Set(ip.clone()),
-        last_used_ip: Set(ip.clone()),
+        last_used_ip: Set(ip),
         created_at: Set(now),
         last_used_at: Set(now),
         expires_at: Set(expires_at),
         revoked_at: Set(None),
-    }
-    .insert(&txn)
-    .await?;
-    insert_refresh_token(&txn, jti, session_id, account.id, &refresh, None, now, expires_at, client).await?;
-    user::Entity::update_many()
-        .col_expr(user::Column::LastLoginAt, Expr::value(now))
-        .filter(user::Column::Id.eq(account.id))
-        .exec(&txn)
-        .await?;
-    txn.commit().await?;
+    };
+    let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
+    write_login(&state.db, new_session, first_token, account.id, now).await?;
     state.audit.record(
         AuditEvent::new("login_success", "success", now)
             .user(account.id)
@@ -153,9 +145,49 @@ pub async fn login(
     issue(state, account.id, session_id, expires_at, roles, jti, None, refresh, now).await
 }
 
+/// Writes a new session, its first refresh token and the account's last login, all or
+/// nothing. On PostgreSQL that is one statement, the inserts being data-modifying CTEs of the
+/// update (the token's foreign key to the session is checked at the end of the statement):
+/// one round trip instead of five (BEGIN, three statements, COMMIT). SQLite has no
+/// data-modifying CTEs, so there they run in a transaction.
+async fn write_login(
+    db: &DatabaseConnection,
+    session: session::ActiveModel,
+    token: refresh_token::ActiveModel,
+    user_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let touch = user::Entity::update_many()
+        .col_expr(user::Column::LastLoginAt, Expr::value(now))
+        .filter(user::Column::Id.eq(user_id));
+    if db.get_database_backend() == DbBackend::Postgres {
+        let writes = WithClause::new()
+            .cte(
+                CommonTableExpression::new()
+                    .query(session::Entity::insert(session).into_query())
+                    .table_name("new_session")
+                    .to_owned(),
+            )
+            .cte(
+                CommonTableExpression::new()
+                    .query(refresh_token::Entity::insert(token).into_query())
+                    .table_name("first_token")
+                    .to_owned(),
+            )
+            .to_owned();
+        db.execute(&touch.into_query().with(writes)).await?;
+        return Ok(());
+    }
+    let txn = db.begin().await?;
+    session.insert(&txn).await?;
+    token.insert(&txn).await?;
+    touch.exec(&txn).await?;
+    txn.commit().await?;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn insert_refresh_token(
-    db: &impl ConnectionTrait,
+fn refresh_token_row(
     jti: Uuid,
     session_id: Uuid,
     user_id: Uuid,
@@ -164,7 +196,7 @@ async fn insert_refresh_token(
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     client: &ClientInfo,
-) -> Result<(), ApiError> {
+) -> refresh_token::ActiveModel {
     refresh_token::ActiveModel {
         id: Set(jti),
         session_id: Set(session_id),
@@ -179,9 +211,6 @@ async fn insert_refresh_token(
         ip_address: Set(client.ip.map(|ip| ip.to_string())),
         successor_sealed: Set(None),
     }
-    .insert(db)
-    .await?;
-    Ok(())
 }
 
 /// The role names of a user, from SQL.
@@ -335,8 +364,7 @@ pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> 
         }
         return reuse(state, presented, row, &session, client, now).await;
     }
-    insert_refresh_token(
-        &txn,
+    refresh_token_row(
         jti,
         session.id,
         row.user_id,
@@ -346,6 +374,7 @@ pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> 
         session.expires_at,
         client,
     )
+    .insert(&txn)
     .await?;
     session::Entity::update_many()
         .col_expr(session::Column::LastUsedAt, Expr::value(now))
