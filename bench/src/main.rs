@@ -368,10 +368,19 @@ fn server_binary(opts: &Opts) -> anyhow::Result<PathBuf> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
     println!("building the release server (cargo build --release --bin latchkey) …");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "latchkey", "--bin", "latchkey"])
-        .current_dir(&root)
-        .status()?;
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.args(["build", "--release", "--quiet", "-p", "latchkey", "--bin", "latchkey"]).current_dir(&root);
+    // Not the variables `cargo run` set for this package: build scripts that watch them
+    // (ring's watches CARGO_MANIFEST_DIR) would rebuild half the tree on every run.
+    for (key, _) in std::env::vars() {
+        if ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+        {
+            cargo.env_remove(key);
+        }
+    }
+    let status = cargo.status()?;
     if !status.success() {
         bail!("building the server failed");
     }
