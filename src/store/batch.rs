@@ -1,5 +1,8 @@
 //! Concurrent point reads folded into one query.
 //!
+//! Used for `/v1/users/me` profiles (one `WHERE id IN (…)` for many requests) and for the
+//! bearer check's session lookups in Redis (one `MGET` for many requests).
+//!
 //! Every statement sea-orm runs checks a connection out of the pool, and sqlx pings it on
 //! the way back in: for a one-row read such as `/v1/users/me` that checkout costs as
 //! much as the query (two PostgreSQL wake-ups and their syscalls on both sides). A
@@ -20,19 +23,39 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::ApiError;
+use crate::store::revocation::StoreError;
 
-type Reply<V> = oneshot::Sender<Result<Option<V>, ApiError>>;
+type Reply<V, E> = oneshot::Sender<Result<Option<V>, E>>;
+
+/// The error a request gets when the dispatcher is gone (shut down) or the query's task
+/// died before answering.
+pub trait Stopped {
+    fn stopped() -> Self;
+}
+
+impl Stopped for ApiError {
+    fn stopped() -> Self {
+        ApiError::unavailable("The request could not be completed; try again shortly.")
+    }
+}
+
+impl Stopped for StoreError {
+    fn stopped() -> Self {
+        StoreError::new("the batched read stopped before answering")
+    }
+}
 
 /// Reads rows by key, many requests to a query. Dropping it stops its dispatcher once the
 /// queued requests are answered.
-pub struct Batcher<K, V> {
-    queue: mpsc::Sender<(K, Reply<V>)>,
+pub struct Batcher<K, V, E = ApiError> {
+    queue: mpsc::Sender<(K, Reply<V, E>)>,
 }
 
-impl<K, V> Batcher<K, V>
+impl<K, V, E> Batcher<K, V, E>
 where
     K: Ord + Hash + Clone + Send + Sync + 'static,
     V: Clone + Send + 'static,
+    E: Stopped + Clone + Send + 'static,
 {
     /// Starts the dispatcher on the current runtime. `load` is given at most `max_batch`
     /// distinct keys, sorted, and answers the rows it found; a key it leaves out reads
@@ -40,7 +63,7 @@ where
     pub fn spawn<F, Fut>(max_batch: usize, in_flight: usize, load: F) -> Self
     where
         F: Fn(Vec<K>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<HashMap<K, V>, ApiError>> + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
     {
         let max_batch = max_batch.max(1);
         let in_flight = in_flight.max(1);
@@ -51,28 +74,24 @@ where
     }
 
     /// The row for `key`, read by a query that started after this call.
-    pub async fn get(&self, key: K) -> Result<Option<V>, ApiError> {
+    pub async fn get(&self, key: K) -> Result<Option<V>, E> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send((key, reply)).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.queue.send((key, reply)).await.map_err(|_| E::stopped())?;
+        answer.await.map_err(|_| E::stopped())?
     }
 }
 
-/// The dispatcher is gone (shut down) or the query's task died before answering.
-fn stopped() -> ApiError {
-    ApiError::unavailable("The request could not be completed; try again shortly.")
-}
-
-async fn dispatch<K, V, F, Fut>(
-    mut requests: mpsc::Receiver<(K, Reply<V>)>,
+async fn dispatch<K, V, E, F, Fut>(
+    mut requests: mpsc::Receiver<(K, Reply<V, E>)>,
     max_batch: usize,
     in_flight: usize,
     load: Arc<F>,
 ) where
     K: Ord + Hash + Clone + Send + Sync + 'static,
     V: Clone + Send + 'static,
+    E: Clone + Send + 'static,
     F: Fn(Vec<K>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<HashMap<K, V>, ApiError>> + Send + 'static,
+    Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(in_flight));
     loop {
@@ -185,7 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_loader_answers_unavailable_and_the_next_query_still_runs() {
-        let batcher = Batcher::spawn(8, 1, |keys: Vec<u32>| async move {
+        let batcher: Batcher<u32, u32> = Batcher::spawn(8, 1, |keys: Vec<u32>| async move {
             assert!(keys != [1], "loader bug");
             Ok(keys.into_iter().map(|k| (k, k)).collect())
         });

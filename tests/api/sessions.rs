@@ -294,6 +294,31 @@ async fn concurrent_profile_reads_each_get_their_own_account(app: TestApp) {
     assert_eq!(me["roles"], serde_json::json!([]), "the next read sees the change");
 }
 
+both!(concurrent_session_checks_each_see_their_own_session);
+/// Bearer checks of concurrent requests share reads of the revocation store: each must
+/// still be judged by its own session, and a logout just before must show.
+async fn concurrent_session_checks_each_see_their_own_session(app: TestApp) {
+    let mut tokens = Vec::new();
+    for i in 0..10 {
+        tokens.push(app.user(&format!("checker-{i}@example.com")).await);
+    }
+    assert_eq!(app.post_bearer("/v1/auth/logout", &tokens[4].access).await.status(), StatusCode::NO_CONTENT);
+
+    let app = &app;
+    let checks = (0..6).flat_map(|_| tokens.iter().enumerate()).map(|(i, t)| async move {
+        let resp = app.get("/v1/auth/session", Some(&t.access)).await;
+        (i, resp.status(), resp.json::<Value>().await.unwrap())
+    });
+    for (i, status, body) in join_all(checks).await {
+        if i == 4 {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "request {i}: its session was logged out");
+            continue;
+        }
+        assert_eq!(status, StatusCode::OK, "request {i} was judged by another session: {body}");
+        assert_eq!(body["session_id"], tokens[i].session_id.as_str());
+    }
+}
+
 both!(a_session_ends_at_its_absolute_lifetime);
 async fn a_session_ends_at_its_absolute_lifetime(app: TestApp) {
     let (_, first) = app.signed_in_user().await;
