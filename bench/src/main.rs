@@ -27,32 +27,33 @@ use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery staple";
 
+/// Starts the release server against the local PostgreSQL and Redis, drives load over
+/// loopback, and prints a table and target/bench/latest.json (see BENCHMARKS.md).
+#[derive(clap::Parser)]
+#[command(name = "latchkey-bench")]
 struct Opts {
+    /// Every scenario for a fraction of a second with 4 connections: checks that the bench
+    /// runs and gets no errors; its figures mean nothing.
+    #[arg(long)]
     smoke: bool,
+    /// A server binary to run instead of building target/release/latchkey.
+    #[arg(long, value_name = "PATH")]
     server: Option<PathBuf>,
+    /// How long each scenario runs.
+    #[arg(long, value_name = "N", default_value_t = 10.0)]
     seconds: f64,
+    /// Keep-alive connections per scenario.
+    #[arg(long = "connections", value_name = "N", default_value_t = 32)]
     conns: usize,
 }
 
-fn parse_opts() -> anyhow::Result<Opts> {
-    let mut opts = Opts { smoke: false, server: None, seconds: 10.0, conns: 32 };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--smoke" => opts.smoke = true,
-            "--server" => opts.server = Some(args.next().context("--server PATH")?.into()),
-            "--seconds" => opts.seconds = args.next().context("--seconds N")?.parse()?,
-            "--connections" => opts.conns = args.next().context("--connections N")?.parse()?,
-            other => {
-                bail!("unknown argument {other:?} (use --smoke, --server PATH, --seconds N, --connections N)")
-            }
-        }
-    }
+fn parse_opts() -> Opts {
+    let mut opts = <Opts as clap::Parser>::parse();
     if opts.smoke {
         opts.seconds = 0.25;
         opts.conns = 4;
     }
-    Ok(opts)
+    opts
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -438,7 +439,7 @@ fn pg_base() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let opts = parse_opts()?;
+    let opts = parse_opts();
     let bin = server_binary(&opts)?;
     let dir = std::env::temp_dir().join(format!("latchkey-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
