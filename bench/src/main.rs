@@ -511,40 +511,22 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
     // land on one scenario and not the others.
     let rounds = if opts.smoke { 1 } else { ROUNDS };
     let turn = secs / rounds as f64;
-    let (mut health, mut session, mut me) = (None, None, None);
+    let compared = [
+        ("1. GET /health", "/health", Arc::clone(&none)),
+        ("2. GET /v1/auth/session (Redis)", "/v1/auth/session", Arc::clone(&seeded.access)),
+        ("3. GET /v1/users/me", "/v1/users/me", Arc::clone(&seeded.access)),
+    ];
+    let mut totals: [Option<Stats>; 3] = [None, None, None];
     for _ in 0..rounds {
-        let h = drive(
-            "1. GET /health",
-            addr,
-            conns,
-            turn,
-            Work::Get { path: "/health", tokens: Arc::clone(&none) },
-        )
-        .await?;
-        let s = drive(
-            "2. GET /v1/auth/session (Redis)",
-            addr,
-            conns,
-            turn,
-            Work::Get { path: "/v1/auth/session", tokens: Arc::clone(&seeded.access) },
-        )
-        .await?;
-        let m = drive(
-            "3. GET /v1/users/me",
-            addr,
-            conns,
-            turn,
-            Work::Get { path: "/v1/users/me", tokens: Arc::clone(&seeded.access) },
-        )
-        .await?;
-        for (total, part) in [(&mut health, h), (&mut session, s), (&mut me, m)] {
+        for ((name, path, tokens), total) in compared.iter().zip(&mut totals) {
+            let part = drive(name, addr, conns, turn, Work::Get { path, tokens: Arc::clone(tokens) }).await?;
             match total {
-                Some(total) => Stats::absorb(total, part)?,
+                Some(total) => total.absorb(part)?,
                 None => *total = Some(part),
             }
         }
     }
-    let (Some(health), Some(session), Some(me)) = (health, session, me) else { bail!("no rounds ran") };
+    let [Some(health), Some(session), Some(me)] = totals else { bail!("no rounds ran") };
     let refresh = drive(
         "4. POST /v1/auth/refresh",
         addr,
