@@ -37,6 +37,11 @@ pub fn ip_key(client: &ClientInfo) -> String {
     client.ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
 }
 
+/// The store's name for `limit`'s bucket of `key`.
+fn bucket(limit: Limit, key: &str) -> String {
+    format!("{}:{key}", limit.as_str())
+}
+
 fn limited(state: &AppState, limit: Limit, retry_after_secs: u64, client: &ClientInfo) -> ApiError {
     state.metrics.rate_limited(limit.as_str());
     if matches!(limit, Limit::LoginPerIp | Limit::LoginPerAccount | Limit::LoginCooldown) {
@@ -55,8 +60,7 @@ pub async fn charge(
     rate: Rate,
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
-    let bucket = format!("{}:{key}", limit.as_str());
-    let decision = state.limits.take(&bucket, rate, state.clock.now().timestamp_millis()).await?;
+    let decision = state.limits.take(&bucket(limit, key), rate, state.clock.now().timestamp_millis()).await?;
     match decision.retry_after_secs() {
         None => Ok(()),
         Some(secs) => Err(limited(state, limit, secs, client)),
@@ -67,8 +71,8 @@ pub async fn charge(
 /// account's cool-down, in one call to the store. Answers whether the account has failed
 /// attempts that a successful login must forget.
 pub async fn admit_login(state: &AppState, account: &str, client: &ClientInfo) -> Result<bool, ApiError> {
-    let ip_bucket = format!("{}:{}", Limit::LoginPerIp.as_str(), ip_key(client));
-    let account_bucket = format!("{}:{account}", Limit::LoginPerAccount.as_str());
+    let ip_bucket = bucket(Limit::LoginPerIp, &ip_key(client));
+    let account_bucket = bucket(Limit::LoginPerAccount, account);
     let budgets = LoginBudgets {
         ip_bucket: &ip_bucket,
         ip_rate: state.config.rate_limit_login_per_ip,

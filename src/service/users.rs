@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sea_orm::sea_query::IntoCondition;
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _, Set, SqlErr,
 };
@@ -29,35 +30,27 @@ pub async fn profiles(
     if let Some(&last) = ids.last() {
         ids.resize(ids.len().next_power_of_two(), last);
     }
-    let rows = user::Entity::find()
-        .filter(user::Column::Id.is_in(ids))
-        .find_with_related(role::Entity)
-        .all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let profile = profile(row);
-            (profile.0.id, profile)
-        })
-        .collect())
+    let profiles = with_roles(db, user::Column::Id.is_in(ids)).await?;
+    Ok(profiles.into_iter().map(|profile| (profile.0.id, profile)).collect())
 }
 
 /// The account with this (normalised) email and its roles, in one query: what a login
 /// verifies the password against and puts in the access token.
 pub async fn profile_by_email(db: &impl ConnectionTrait, email: &Email) -> Result<Option<Profile>, ApiError> {
-    let rows = user::Entity::find()
-        .filter(user::Column::Email.eq(email.as_str()))
-        .find_with_related(role::Entity)
-        .all(db)
-        .await?;
-    Ok(rows.into_iter().next().map(profile))
+    Ok(with_roles(db, user::Column::Email.eq(email.as_str())).await?.into_iter().next())
 }
 
-fn profile((account, roles): (user::Model, Vec<role::Model>)) -> Profile {
-    let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
-    roles.sort();
-    (account, roles)
+/// The accounts matching `filter`, each joined with its roles, in one query.
+async fn with_roles(db: &impl ConnectionTrait, filter: impl IntoCondition) -> Result<Vec<Profile>, ApiError> {
+    let rows = user::Entity::find().filter(filter).find_with_related(role::Entity).all(db).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(account, roles)| {
+            let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
+            roles.sort();
+            (account, roles)
+        })
+        .collect())
 }
 
 /// Inserts an account; a taken email is `email_taken`.
