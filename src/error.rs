@@ -318,13 +318,20 @@ impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
         use sea_orm::sqlx::Error as Sqlx;
         use sea_orm::{DbErr, RuntimeErr};
-        // A connection lost mid-query is as unavailable as one that cannot be had.
+        // A connection lost mid-query is as unavailable as one that cannot be had; so is one
+        // the server ended (SQLSTATE class 57, operator intervention: an administrator, a
+        // shutdown or a failover) or that broke (class 08). sqlx drops such a connection
+        // when it comes back to the pool, and the next query gets a new one.
         let lost = |e: &RuntimeErr| {
-            matches!(e, RuntimeErr::SqlxError(e) if matches!(**e,
-                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::WorkerCrashed))
+            matches!(e, RuntimeErr::SqlxError(e) if match &**e {
+                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::WorkerCrashed => true,
+                Sqlx::Database(e) => e.code().is_some_and(|code| code.starts_with("57") || code.starts_with("08")),
+                _ => false,
+            })
         };
         match &err {
             DbErr::Exec(e) | DbErr::Query(e) if lost(e) => {
+                crate::store::db::connection_ended();
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::unavailable("The database is unavailable; try again shortly.")
             }

@@ -5,7 +5,9 @@
 //! on PostgreSQL under an advisory lock, so several instances starting at once apply them
 //! exactly once.
 
-use std::time::Duration;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -16,6 +18,32 @@ use crate::config::Config;
 
 /// An arbitrary constant: the key of the advisory lock that serialises migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x6c61_7463_686b_6579; // "latchkey"
+
+/// Connections sit idle at most this long before the pool pings them on checkout.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
+
+/// When a query last found its connection ended by the server (milliseconds after
+/// [`START`], plus one; zero for never). A failover or an administrator ends every
+/// connection at once, and the idle ones in the pool do not know it yet: for
+/// [`PING_IF_IDLE_FOR`] twice over the pool pings each connection before handing it out,
+/// so one failed query does not become one per pooled connection.
+static ENDED_AT: AtomicU64 = AtomicU64::new(0);
+static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn since_start() -> u64 {
+    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// Records that a query found its connection ended or broken.
+pub fn connection_ended() {
+    ENDED_AT.store(since_start(), Relaxed);
+}
+
+fn connections_suspect() -> bool {
+    let ended = ENDED_AT.load(Relaxed);
+    let window = u64::try_from((PING_IF_IDLE_FOR * 2).as_millis()).unwrap_or(u64::MAX);
+    ended != 0 && since_start().saturating_sub(ended) < window
+}
 
 pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
     connect_with(config, config.database_max_connections).await
@@ -33,9 +61,19 @@ pub async fn connect_with(config: &Config, max: u32) -> Result<DatabaseConnectio
         .idle_timeout(config.database_idle_timeout)
         .sqlx_logging(false)
         // sqlx pings every connection it hands out by default: a second round trip for
-        // each query. Ping only one that has sat idle long enough to have been dropped;
-        // a busy connection that broke fails its query (503) and is closed on release.
-        .test_before_acquire_if_idle_for(Duration::from_secs(5))
+        // each query. Ping only one that has sat idle long enough to have been dropped,
+        // or any while connections are being found ended; a busy connection that broke
+        // fails its query (503) and is closed on release.
+        .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
+        .map_sqlx_postgres_before_acquire(|conn, _| {
+            Box::pin(async move {
+                if connections_suspect() {
+                    // An error discards the connection; the pool tries another or opens one.
+                    sea_orm::sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .map_sqlx_sqlite_opts(|o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)

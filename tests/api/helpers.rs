@@ -33,7 +33,7 @@ pub enum Store {
     RedisAt(String),
 }
 
-fn admin_pg_url() -> String {
+pub fn admin_pg_url() -> String {
     std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 

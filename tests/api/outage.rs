@@ -163,3 +163,40 @@ async fn postgres_going_away_fails_closed_and_heals() {
     assert_eq!(resp.status(), StatusCode::OK);
     drop(pg);
 }
+
+/// PostgreSQL ends the server's connections (a failover, an administrator, a restart that
+/// came and went between two requests): the profile reads that were using them fail
+/// closed at worst, and the next ones run on new connections. Never a 500.
+#[tokio::test]
+async fn connections_ended_by_postgres_are_replaced_without_a_500() {
+    let app = TestApp::spawn_with(Backend::Postgres, Store::Redis, &[]).await;
+    let (_, tokens) = app.signed_in_user().await;
+    let database = app.resources.pg_database.clone().unwrap();
+    use sea_orm::ConnectionTrait as _;
+    let admin = sea_orm::Database::connect(crate::helpers::admin_pg_url()).await.unwrap();
+    let me = || async {
+        let calls = (0..8).map(|_| app.get("/v1/users/me", Some(&tokens.access)));
+        futures_util::future::join_all(calls).await.into_iter().map(|r| r.status()).collect::<Vec<_>>()
+    };
+    for round in 0..3 {
+        // Keep the server's connections busy, then end every one of them.
+        assert!(me().await.iter().all(|s| *s == StatusCode::OK), "round {round}: before");
+        let ended = admin
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+                ),
+            ))
+            .await
+            .unwrap();
+        assert!(!ended.is_empty(), "round {round}: the server had connections to end");
+        let first = me().await;
+        assert!(
+            first.iter().all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE),
+            "round {round}: right after: {first:?}"
+        );
+        assert!(me().await.iter().all(|s| *s == StatusCode::OK), "round {round}: the next requests");
+    }
+}
