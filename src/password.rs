@@ -10,20 +10,11 @@
 //! hash uses a 19 MiB block that the allocator keeps for the thread's next hash, and a
 //! thread's exit is what hands it back to the OS, so a quiet server does not hold a
 //! hash's worth of memory per core.
-//!
-//! Bearer checks come first. The threads run at the lowest priority, but on this kernel
-//! generation (EEVDF) a woken request thread still waits for a running hash to use up its
-//! slice, so a login storm at full hashing capacity stretched the checks' p99 to 3–5 ×
-//! its idle value (BENCHMARKS.md, scenario 6). So, before each job, a thread looks at how
-//! many bearer checks were served since it last looked: while there are more than
-//! [`BUSY_CHECKS`] per [`CHECKS_WINDOW`], it keeps to half of the process's CPUs and
-//! leaves the others to the requests; once the checks quieten it takes every CPU again.
-//! A login storm alone keeps every CPU.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -54,11 +45,6 @@ enum Job {
 /// (measured: 44 MiB resident after one login with a thread kept, 22 MiB once it exits).
 pub const IDLE_WORKER_EXIT: Duration = Duration::from_secs(2);
 
-/// How often a hashing thread (between jobs) reconsiders where it may run.
-pub const CHECKS_WINDOW: Duration = Duration::from_millis(50);
-/// Bearer checks in a [`CHECKS_WINDOW`] (500 a second) that make hashing leave them CPUs.
-pub const BUSY_CHECKS: u64 = 25;
-
 #[derive(Clone)]
 pub struct PasswordHasher {
     jobs: SyncSender<Job>,
@@ -75,12 +61,6 @@ struct Pool {
     /// Threads running, and of those, waiting for a job.
     live: AtomicUsize,
     idle: AtomicUsize,
-    /// Bearer checks served, ever.
-    checks: AtomicU64,
-    /// Where hashing may run; `None` with a single CPU, when there is nothing to leave.
-    cpus: Option<affinity::Cpus>,
-    /// Threads now keeping to the confined CPUs.
-    confined: AtomicUsize,
 }
 
 impl std::fmt::Debug for PasswordHasher {
@@ -117,9 +97,6 @@ impl PasswordHasher {
             keep_alive,
             live: AtomicUsize::new(0),
             idle: AtomicUsize::new(0),
-            checks: AtomicU64::new(0),
-            cpus: affinity::Cpus::of_this_process(),
-            confined: AtomicUsize::new(0),
         };
         Ok(Self { jobs, pool: Arc::new(pool), dummy_hash: dummy_hash()? })
     }
@@ -141,11 +118,6 @@ impl PasswordHasher {
         self.submit(Job::Verify { password, hash: target, reply })?;
         let ok = rx.await.map_err(|_| HashError::Failed("hashing worker stopped".into()))?;
         Ok(ok && real)
-    }
-
-    /// Counts a bearer check, which hashing gives way to when they are busy.
-    pub fn bearer_checked(&self) {
-        self.pool.checks.fetch_add(1, Relaxed);
     }
 
     fn submit(&self, job: Job) -> Result<(), HashError> {
@@ -202,7 +174,6 @@ fn dummy_hash() -> Result<Arc<str>, HashError> {
 /// Runs jobs until none arrives for `keep_alive` or the pool is dropped; uncounts itself
 /// from `pool.live` as it leaves.
 fn worker(pool: &Pool) {
-    let mut placement = Placement::new(pool);
     pool.idle.fetch_add(1, SeqCst);
     loop {
         // Hold the lock only while waiting for the next job, not while hashing.
@@ -228,7 +199,6 @@ fn worker(pool: &Pool) {
                 return;
             }
         };
-        placement.review();
         // A panic inside argon2 drops this job's reply (its caller gets an error), not the
         // thread, which the counts would otherwise lose track of.
         let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&pool.argon, job)));
@@ -237,107 +207,6 @@ fn worker(pool: &Pool) {
         pool.idle.fetch_add(1, SeqCst);
         if let Ok(answer) = answer {
             answer.send();
-        }
-    }
-}
-
-/// Where one hashing thread runs: on every CPU, or, while bearer checks are busy, on the
-/// confined half. Leaving the thread uncounts it from `pool.confined`.
-struct Placement<'a> {
-    pool: &'a Pool,
-    looked_at: Instant,
-    checks: u64,
-    confined: bool,
-}
-
-impl<'a> Placement<'a> {
-    fn new(pool: &'a Pool) -> Self {
-        Self { pool, looked_at: Instant::now(), checks: pool.checks.load(Relaxed), confined: false }
-    }
-
-    /// Before a job: once a window has passed, counts the checks served meanwhile and
-    /// moves the thread if that changes whether they are busy.
-    fn review(&mut self) {
-        let Some(cpus) = &self.pool.cpus else { return };
-        let now = Instant::now();
-        if now.duration_since(self.looked_at) < CHECKS_WINDOW {
-            return;
-        }
-        let checks = self.pool.checks.load(Relaxed);
-        let busy = checks.wrapping_sub(self.checks) >= BUSY_CHECKS;
-        (self.looked_at, self.checks) = (now, checks);
-        if busy == self.confined {
-            return;
-        }
-        match cpus.keep_this_thread_to(busy) {
-            Ok(()) => {
-                self.confined = busy;
-                if busy {
-                    self.pool.confined.fetch_add(1, SeqCst);
-                } else {
-                    self.pool.confined.fetch_sub(1, SeqCst);
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "could not move a hashing thread"),
-        }
-    }
-}
-
-impl Drop for Placement<'_> {
-    fn drop(&mut self) {
-        if self.confined {
-            self.pool.confined.fetch_sub(1, SeqCst);
-        }
-    }
-}
-
-#[cfg(target_os = "linux")]
-mod affinity {
-    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
-    use nix::unistd::Pid;
-
-    /// The CPUs the process may use, and the upper half of them (rounded up) that hashing
-    /// keeps to while bearer checks are busy.
-    pub struct Cpus {
-        all: CpuSet,
-        confined: CpuSet,
-    }
-
-    impl Cpus {
-        /// `None` when the process may use a single CPU (or its set cannot be read).
-        pub fn of_this_process() -> Option<Self> {
-            let all = sched_getaffinity(Pid::from_raw(0)).ok()?;
-            let ids: Vec<usize> =
-                (0..CpuSet::count()).filter(|&id| all.is_set(id).unwrap_or(false)).collect();
-            if ids.len() < 2 {
-                return None;
-            }
-            let mut confined = CpuSet::new();
-            for &id in &ids[ids.len() / 2..] {
-                confined.set(id).ok()?;
-            }
-            Some(Self { all, confined })
-        }
-
-        /// Moves the calling thread to the confined CPUs, or back to all of them.
-        pub fn keep_this_thread_to(&self, confined: bool) -> nix::Result<()> {
-            sched_setaffinity(Pid::from_raw(0), if confined { &self.confined } else { &self.all })
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-mod affinity {
-    /// Elsewhere than Linux, hashing keeps every CPU.
-    pub struct Cpus;
-
-    impl Cpus {
-        pub fn of_this_process() -> Option<Self> {
-            None
-        }
-
-        pub fn keep_this_thread_to(&self, _confined: bool) -> std::io::Result<()> {
-            Ok(())
         }
     }
 }
@@ -441,29 +310,5 @@ mod tests {
             }
         }
         assert!(busy >= 6, "only {busy} of 8 refused with a queue of 1");
-    }
-
-    #[tokio::test]
-    async fn hashing_leaves_a_cpu_to_busy_bearer_checks_and_takes_it_back() {
-        let hasher = PasswordHasher::start_with(1, 8, Duration::from_secs(10)).expect("pool");
-        if hasher.pool.cpus.is_none() {
-            eprintln!("one CPU: there is nothing to leave to the checks");
-            return;
-        }
-        let confined = || hasher.pool.confined.load(SeqCst);
-        assert!(!hasher.verify(pw("first"), None).await.expect("verify"));
-        assert_eq!(confined(), 0, "no bearer checks yet");
-        tokio::time::sleep(CHECKS_WINDOW).await;
-        assert!(!hasher.verify(pw("quiet"), None).await.expect("verify"));
-        assert_eq!(confined(), 0, "a window without checks");
-        for _ in 0..BUSY_CHECKS {
-            hasher.bearer_checked();
-        }
-        tokio::time::sleep(CHECKS_WINDOW).await;
-        assert!(!hasher.verify(pw("busy"), None).await.expect("verify"));
-        assert_eq!(confined(), 1, "a window of busy checks confines the hashing thread");
-        tokio::time::sleep(CHECKS_WINDOW).await;
-        assert!(!hasher.verify(pw("quiet again"), None).await.expect("verify"));
-        assert_eq!(confined(), 0, "checks stopped: every CPU again");
     }
 }

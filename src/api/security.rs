@@ -36,7 +36,6 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Authenticat
 pub async fn authenticate(state: &AppState, token: &str) -> Result<Authenticated, ApiError> {
     let now = state.clock.now();
     let claims = state.keys.verify(token, &state.config.jwt_issuer, &state.config.jwt_audience, now)?;
-    state.hasher.bearer_checked();
     let session =
         state.store.session(claims.sid).await?.filter(|s| s.user_id == claims.sub).ok_or_else(|| {
             ApiError::new(ErrorCode::TokenRevoked, "The session has ended; refresh or log in again.")
