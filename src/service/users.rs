@@ -34,6 +34,39 @@ pub async fn profiles(
     Ok(profiles.into_iter().map(|profile| (profile.0.id, profile)).collect())
 }
 
+/// PostgreSQL: the accounts among `ids` with their roles, as [`profiles`] reads them, on
+/// one given connection (a kept one, see `store::held`) and with one statement shape
+/// whatever the number of ids (`= ANY($1)`). The rows are decoded by the entity.
+pub async fn profiles_on(
+    conn: &mut sea_orm::sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Profile>, sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::Row as _;
+    use sea_orm::{FromQueryResult as _, QueryResult};
+    const SQL: &str = "SELECT u.*, r.name AS role_name FROM users u \
+        LEFT JOIN user_roles ur ON ur.user_id = u.id LEFT JOIN roles r ON r.id = ur.role_id \
+        WHERE u.id = ANY($1)";
+    let rows = sea_orm::sqlx::query(SQL).bind(ids).fetch_all(conn).await?;
+    let mut profiles: HashMap<Uuid, Profile> = HashMap::with_capacity(ids.len());
+    for row in rows {
+        let role: Option<String> = row.try_get("role_name")?;
+        let id: Uuid = row.try_get("id")?;
+        let profile = match profiles.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let account = user::Model::from_query_result(&QueryResult::from(row), "")
+                    .map_err(|e| sea_orm::sqlx::Error::Decode(e.to_string().into()))?;
+                entry.insert((account, Vec::new()))
+            }
+        };
+        profile.1.extend(role);
+    }
+    for (_, roles) in profiles.values_mut() {
+        roles.sort();
+    }
+    Ok(profiles)
+}
+
 /// The account with this (normalised) email and its roles, in one query: what a login
 /// verifies the password against and puts in the access token.
 pub async fn profile_by_email(db: &impl ConnectionTrait, email: &Email) -> Result<Option<Profile>, ApiError> {

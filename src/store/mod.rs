@@ -3,5 +3,6 @@
 pub mod batch;
 pub mod db;
 pub mod entity;
+pub mod held;
 pub mod limits;
 pub mod revocation;
