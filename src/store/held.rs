@@ -9,8 +9,9 @@
 //! - a connection is kept only after a query on it succeeded; one whose query failed is
 //!   dropped, and sqlx's ping on its way back decides whether the pool keeps it;
 //! - a kept connection is reused only within [`KEEP_FOR`] of that success; a sweeper
-//!   hands back every connection kept longer, so a quiet server holds none, the pool's
-//!   own idle checks apply as before, and closing the pool at shutdown does not wait.
+//!   hands back every connection kept longer, so a quiet server holds none and the pool's
+//!   own idle checks apply as before; it hands back all of them as soon as the pool is
+//!   closed, so a shutdown does not wait for them.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -30,9 +31,19 @@ pub struct Held {
 impl Held {
     /// Keeps at most `max` connections of `pool`, and sweeps them out after [`KEEP_FOR`].
     pub fn start(pool: PgPool, max: usize) -> Arc<Self> {
+        let closed = pool.close_event();
         let held = Arc::new(Self { pool, kept: Mutex::new(Vec::with_capacity(max)), max });
         let weak = Arc::downgrade(&held);
-        tokio::spawn(async move { sweep(weak).await });
+        tokio::spawn(async move {
+            tokio::select! {
+                () = sweep(Weak::clone(&weak)) => {}
+                () = closed => {
+                    if let Some(held) = weak.upgrade() {
+                        held.sweep_once(Duration::ZERO);
+                    }
+                }
+            }
+        });
         held
     }
 
@@ -75,11 +86,11 @@ impl Held {
         // Otherwise `conn` is dropped here: back to the pool.
     }
 
-    /// Hands back every connection kept longer than [`KEEP_FOR`].
-    fn sweep_once(&self) {
+    /// Hands back every connection kept longer than `older_than`.
+    fn sweep_once(&self, older_than: Duration) {
         let stale: Vec<_> = match self.kept.lock() {
             Ok(mut kept) => {
-                let (fresh, stale) = kept.drain(..).partition(|(_, at)| at.elapsed() < KEEP_FOR);
+                let (fresh, stale) = kept.drain(..).partition(|(_, at)| at.elapsed() < older_than);
                 *kept = fresh;
                 stale
             }
@@ -100,7 +111,7 @@ async fn sweep(held: Weak<Held>) {
     loop {
         tick.tick().await;
         match held.upgrade() {
-            Some(held) => held.sweep_once(),
+            Some(held) => held.sweep_once(KEEP_FOR),
             None => return,
         }
     }
@@ -137,6 +148,18 @@ mod tests {
         assert_eq!(held.kept(), 0, "the sweeper handed it back");
         // Back in the pool: the pool can close without waiting for it.
         tokio::time::timeout(Duration::from_secs(5), pool.close()).await.expect("the pool closes");
+    }
+
+    #[tokio::test]
+    async fn closing_the_pool_does_not_wait_for_kept_connections() {
+        let pool = pool().await;
+        let held = Held::start(pool.clone(), 1);
+        held.run(backend).await.expect("query");
+        assert_eq!(held.kept(), 1);
+        let started = std::time::Instant::now();
+        pool.close().await;
+        assert!(started.elapsed() < KEEP_FOR / 4, "closing took {:?}", started.elapsed());
+        assert_eq!(held.kept(), 0);
     }
 
     #[tokio::test]
