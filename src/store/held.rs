@@ -11,7 +11,9 @@
 //! - a kept connection is reused only within [`KEEP_FOR`] of that success; a sweeper
 //!   hands back every connection kept longer, so a quiet server holds none and the pool's
 //!   own idle checks apply as before; it hands back all of them as soon as the pool is
-//!   closed, so a shutdown does not wait for them.
+//!   closed, so a shutdown does not wait for them;
+//! - under unbroken load a connection still goes back after [`HAND_BACK_AFTER`], so the
+//!   pool's maximum lifetime keeps applying to it.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -21,11 +23,20 @@ use sea_orm::sqlx::{PgConnection, PgPool, Postgres};
 
 /// How long a connection is kept after the query that last used it.
 pub const KEEP_FOR: Duration = Duration::from_secs(1);
+/// How long a connection is kept in all, however busy.
+pub const HAND_BACK_AFTER: Duration = Duration::from_secs(60);
 
 pub struct Held {
     pool: PgPool,
-    kept: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    kept: Mutex<Vec<Kept>>,
     max: usize,
+}
+
+struct Kept {
+    conn: PoolConnection<Postgres>,
+    /// When it was taken from the pool, and when a query last succeeded on it.
+    since: Instant,
+    used: Instant,
 }
 
 impl Held {
@@ -53,35 +64,32 @@ impl Held {
         &self,
         query: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sea_orm::sqlx::Error>,
     ) -> Result<T, sea_orm::sqlx::Error> {
-        let mut conn = match self.take() {
-            Some(conn) => conn,
-            None => self.pool.acquire().await?,
+        let (mut conn, since) = match self.take() {
+            Some(kept) => (kept.conn, kept.since),
+            None => (self.pool.acquire().await?, Instant::now()),
         };
         let answer = query(&mut conn).await;
-        if answer.is_ok() {
-            self.keep(conn);
+        if answer.is_ok() && since.elapsed() < HAND_BACK_AFTER {
+            self.keep(Kept { conn, since, used: Instant::now() });
         }
+        // Otherwise `conn` is dropped here: back to the pool, through sqlx's ping.
         answer
     }
 
     /// The most recently kept connection, if it is still fresh. Stale ones are handed
     /// back to the pool (outside the lock: that spawns sqlx's return task).
-    fn take(&self) -> Option<PoolConnection<Postgres>> {
+    fn take(&self) -> Option<Kept> {
         let mut kept = self.kept.lock().ok()?;
-        let (conn, at) = kept.pop()?;
-        if at.elapsed() < KEEP_FOR {
-            return Some(conn);
-        }
+        let last = kept.pop()?;
         drop(kept);
-        drop(conn);
-        None
+        (last.used.elapsed() < KEEP_FOR).then_some(last)
     }
 
-    fn keep(&self, conn: PoolConnection<Postgres>) {
+    fn keep(&self, conn: Kept) {
         if let Ok(mut kept) = self.kept.lock()
             && kept.len() < self.max
         {
-            kept.push((conn, Instant::now()));
+            kept.push(conn);
         }
         // Otherwise `conn` is dropped here: back to the pool.
     }
@@ -90,7 +98,7 @@ impl Held {
     fn sweep_once(&self, older_than: Duration) {
         let stale: Vec<_> = match self.kept.lock() {
             Ok(mut kept) => {
-                let (fresh, stale) = kept.drain(..).partition(|(_, at)| at.elapsed() < older_than);
+                let (fresh, stale) = kept.drain(..).partition(|k| k.used.elapsed() < older_than);
                 *kept = fresh;
                 stale
             }
