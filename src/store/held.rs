@@ -7,7 +7,9 @@
 //! handing each one back:
 //!
 //! - a connection is kept only after a query on it succeeded; one whose query failed is
-//!   dropped, and sqlx's ping on its way back decides whether the pool keeps it;
+//!   dropped, and sqlx's ping on its way back decides whether the pool keeps it. A failed
+//!   query hands back the other kept connections too: a failover or an administrator ends
+//!   them all at once, and each would otherwise fail one more batch of requests;
 //! - a kept connection is reused only within [`KEEP_FOR`] of that success; a sweeper
 //!   hands back every connection kept longer, so a quiet server holds none and the pool's
 //!   own idle checks apply as before; it hands back all of them as soon as the pool is
@@ -69,10 +71,14 @@ impl Held {
             None => (self.pool.acquire().await?, Instant::now()),
         };
         let answer = query(&mut conn).await;
-        if answer.is_ok() && since.elapsed() < HAND_BACK_AFTER {
-            self.keep(Kept { conn, since, used: Instant::now() });
+        match answer {
+            Ok(_) if since.elapsed() < HAND_BACK_AFTER => {
+                self.keep(Kept { conn, since, used: Instant::now() })
+            }
+            Ok(_) => {}
+            Err(_) => self.sweep_once(Duration::ZERO),
         }
-        // Otherwise `conn` is dropped here: back to the pool, through sqlx's ping.
+        // Unless kept, `conn` is dropped here: back to the pool, through sqlx's ping.
         answer
     }
 
@@ -181,6 +187,23 @@ mod tests {
         // The next query gets a connection from the pool and works.
         held.run(backend).await.expect("query");
         assert_eq!(held.kept(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_query_hands_back_every_kept_connection() {
+        let held = Held::start(pool().await, 2);
+        let slow = async |conn: &mut PgConnection| {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            backend(conn).await
+        };
+        let (a, b) = tokio::join!(held.run(slow), held.run(slow));
+        (a.expect("query"), b.expect("query"));
+        assert_eq!(held.kept(), 2);
+        let failed = held
+            .run(async |conn| backend(conn).await.and(Err::<i32, _>(sea_orm::sqlx::Error::RowNotFound)))
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(held.kept(), 0, "the other connection went back too");
     }
 
     #[tokio::test]

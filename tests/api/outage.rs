@@ -175,17 +175,27 @@ async fn connections_ended_by_postgres_are_replaced_without_a_500() {
     use sea_orm::ConnectionTrait as _;
     let admin = sea_orm::Database::connect(crate::helpers::admin_pg_url()).await.unwrap();
     let me = || async {
-        let calls = (0..8).map(|_| app.get("/v1/users/me", Some(&tokens.access)));
-        futures_util::future::join_all(calls).await.into_iter().map(|r| r.status()).collect::<Vec<_>>()
+        let calls = (0..8).map(|_| async {
+            let resp = app.get("/v1/users/me", Some(&tokens.access)).await;
+            (resp.status(), resp.text().await.unwrap_or_default())
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        for (status, body) in &answers {
+            if *status != StatusCode::OK {
+                eprintln!("{status}: {body}");
+            }
+        }
+        answers.into_iter().map(|(status, _)| status).collect::<Vec<_>>()
     };
     for round in 0..3 {
-        // Keep the server's connections busy, then end every one of them.
+        // Keep the server's connections busy, then end every one of them (waiting up to 5 s
+        // for each to be gone: termination is asynchronous).
         assert!(me().await.iter().all(|s| *s == StatusCode::OK), "round {round}: before");
         let ended = admin
             .query_all_raw(sea_orm::Statement::from_string(
                 sea_orm::DbBackend::Postgres,
                 format!(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
                      WHERE datname = '{database}' AND pid <> pg_backend_pid()"
                 ),
             ))
@@ -197,6 +207,7 @@ async fn connections_ended_by_postgres_are_replaced_without_a_500() {
             first.iter().all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE),
             "round {round}: right after: {first:?}"
         );
-        assert!(me().await.iter().all(|s| *s == StatusCode::OK), "round {round}: the next requests");
+        let next = me().await;
+        assert!(next.iter().all(|s| *s == StatusCode::OK), "round {round}: the next requests: {next:?}");
     }
 }
