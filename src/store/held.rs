@@ -197,7 +197,7 @@ mod tests {
             backend(conn).await
         };
         let (a, b) = tokio::join!(held.run(slow), held.run(slow));
-        (a.expect("query"), b.expect("query"));
+        assert_ne!(a.expect("query"), b.expect("query"), "two connections at once");
         assert_eq!(held.kept(), 2);
         let failed = held
             .run(async |conn| backend(conn).await.and(Err::<i32, _>(sea_orm::sqlx::Error::RowNotFound)))
