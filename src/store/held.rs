@@ -151,6 +151,12 @@ mod tests {
         sea_orm::sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(conn).await
     }
 
+    /// `backend` after a pause, so that two at once hold two connections.
+    async fn slow_backend(conn: &mut PgConnection) -> Result<i32, sea_orm::sqlx::Error> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        backend(conn).await
+    }
+
     #[tokio::test]
     async fn a_connection_is_kept_between_queries_and_handed_back_when_quiet() {
         let pool = pool().await;
@@ -192,11 +198,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_query_hands_back_every_kept_connection() {
         let held = Held::start(pool().await, 2);
-        let slow = async |conn: &mut PgConnection| {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            backend(conn).await
-        };
-        let (a, b) = tokio::join!(held.run(slow), held.run(slow));
+        let (a, b) = tokio::join!(held.run(slow_backend), held.run(slow_backend));
         assert_ne!(a.expect("query"), b.expect("query"), "two connections at once");
         assert_eq!(held.kept(), 2);
         let failed = held
@@ -209,16 +211,7 @@ mod tests {
     #[tokio::test]
     async fn at_most_max_connections_are_kept() {
         let held = Held::start(pool().await, 1);
-        let (a, b) = tokio::join!(
-            held.run(async |conn| {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                backend(conn).await
-            }),
-            held.run(async |conn| {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                backend(conn).await
-            })
-        );
+        let (a, b) = tokio::join!(held.run(slow_backend), held.run(slow_backend));
         assert_ne!(a.expect("query"), b.expect("query"), "two connections at once");
         assert_eq!(held.kept(), 1);
     }
