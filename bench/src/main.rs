@@ -196,12 +196,17 @@ struct Stats {
 }
 
 impl Stats {
-    /// Adds another round of the same scenario.
-    fn absorb(&mut self, round: Stats) -> anyhow::Result<()> {
-        self.requests += round.requests;
-        self.errors += round.errors;
-        self.elapsed += round.elapsed;
-        self.hist.add(round.hist)?;
+    /// Adds a round of a scenario to its total so far, if any.
+    fn add(total: &mut Option<Stats>, round: Stats) -> anyhow::Result<()> {
+        match total {
+            Some(total) => {
+                total.requests += round.requests;
+                total.errors += round.errors;
+                total.elapsed += round.elapsed;
+                total.hist.add(round.hist)?;
+            }
+            None => *total = Some(round),
+        }
         Ok(())
     }
 
@@ -358,7 +363,7 @@ fn hash_beside(per_second: f64, secs: f64) -> anyhow::Result<()> {
                 while next < until {
                     let _ = hasher.hash(PASSWORD.as_bytes());
                     next += interval;
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    std::thread::sleep(next.min(until).saturating_duration_since(Instant::now()));
                 }
             })
         })
@@ -565,10 +570,7 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
     for _ in 0..rounds {
         for ((name, path, tokens), total) in compared.iter().zip(&mut totals) {
             let part = drive(name, addr, conns, turn, Work::Get { path, tokens: Arc::clone(tokens) }).await?;
-            match total {
-                Some(total) => total.absorb(part)?,
-                None => *total = Some(part),
-            }
+            Stats::add(total, part)?;
         }
     }
     let [Some(health), Some(session), Some(me)] = totals else { bail!("no rounds ran") };
@@ -584,18 +586,8 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
     let mut login: Option<Stats> = None;
     let (mut hashes, mut hashing) = (0, Duration::ZERO);
     for _ in 0..rounds {
-        let part = drive(
-            "5. POST /v1/auth/login",
-            addr,
-            conns,
-            turn,
-            Work::Login { emails: Arc::clone(&seeded.emails) },
-        )
-        .await?;
-        match &mut login {
-            Some(total) => total.absorb(part)?,
-            None => login = Some(part),
-        }
+        let login_turn = Work::Login { emails: Arc::clone(&seeded.emails) };
+        Stats::add(&mut login, drive("5. POST /v1/auth/login", addr, conns, turn, login_turn).await?)?;
         let (n, took) = argon2_bound(turn.min(1.0));
         hashes += n;
         hashing += took;
@@ -610,15 +602,10 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
         drive("6. login storm", addr, (cores * 4).max(4), secs + 1.0, Work::Login { emails: storm_emails })
             .await
     });
+    let checks = Work::Get { path: "/v1/auth/session", tokens: Arc::clone(&fresh.access) };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let under_storm = drive(
-        "6. GET /v1/auth/session under a login storm",
-        addr,
-        conns,
-        secs,
-        Work::Get { path: "/v1/auth/session", tokens: Arc::clone(&fresh.access) },
-    )
-    .await?;
+    let under_storm =
+        drive("6. GET /v1/auth/session under a login storm", addr, conns, secs, checks.clone()).await?;
     let storm = storm.await??;
     let (_, peak_rss) = server.rss_kib();
 
@@ -627,14 +614,9 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
     // tail on this machine when the server itself does no login work.
     let mut beside = spawn_hash_beside(storm.rps(), secs + 1.0)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let under_hashing = drive(
-        "6b. GET /v1/auth/session beside that hashing in another process",
-        addr,
-        conns,
-        secs,
-        Work::Get { path: "/v1/auth/session", tokens: Arc::clone(&fresh.access) },
-    )
-    .await?;
+    let under_hashing =
+        drive("6b. GET /v1/auth/session beside that hashing in another process", addr, conns, secs, checks)
+            .await?;
     let _ = beside.wait();
     server.stop();
 
