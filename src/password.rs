@@ -64,6 +64,7 @@ pub struct PasswordHasher {
 /// What the hashing threads share.
 struct Pool {
     queue: Mutex<Receiver<Job>>,
+    argon: Argon2<'static>,
     max: usize,
     keep_alive: Duration,
     /// Threads running, and of those, waiting for a job.
@@ -78,8 +79,7 @@ impl std::fmt::Debug for PasswordHasher {
 }
 
 pub fn argon2() -> Result<Argon2<'static>, HashError> {
-    let params = Params::new(MEMORY_KIB, ITERATIONS, PARALLELISM, None)
-        .map_err(|e| HashError::Failed(e.to_string()))?;
+    let params = Params::new(MEMORY_KIB, ITERATIONS, PARALLELISM, None).map_err(failed)?;
     Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
 }
 
@@ -101,7 +101,11 @@ pub struct Hasher {
 
 impl Hasher {
     pub fn new() -> Result<Self, HashError> {
-        Ok(Self { argon: argon2()?, memory: Vec::new() })
+        Ok(Self::with(argon2()?))
+    }
+
+    fn with(argon: Argon2<'static>) -> Self {
+        Self { argon, memory: Vec::new() }
     }
 
     /// A PHC string of `password` with a fresh random salt.
@@ -109,17 +113,9 @@ impl Hasher {
         let mut salt = [0u8; SALT_LEN];
         getrandom::fill(&mut salt).map_err(failed)?;
         let mut out = [0u8; OUTPUT_LEN];
-        let params = self.argon.params().clone();
-        let memory = working_memory(&mut self.memory, params.block_count());
-        self.argon.hash_password_into_with_memory(password, &salt, &mut out, memory).map_err(failed)?;
-        let phc = PasswordHash {
-            algorithm: Algorithm::Argon2id.ident(),
-            version: Some(Version::V0x13.into()),
-            params: (&params).try_into().map_err(failed)?,
-            salt: Some(Salt::new(&salt).map_err(failed)?),
-            hash: Some(Output::new(&out).map_err(failed)?),
-        };
-        Ok(phc.to_string())
+        let argon = self.argon.clone();
+        self.compute(&argon, password, &salt, &mut out).map_err(failed)?;
+        phc_string(argon.params(), &salt, &out)
     }
 
     /// Whether `password` matches `phc`, computed with the algorithm, version and
@@ -133,38 +129,38 @@ impl Hasher {
             return false;
         };
         let Ok(params) = Params::try_from(&parsed) else { return false };
-        let blocks = params.block_count();
         let argon = Argon2::new(algorithm, version, params);
         let mut out = [0u8; Output::MAX_LENGTH];
         let Some(out) = out.get_mut(..expected.len()) else { return false };
-        // A hash made with more memory than ours (older, stronger parameters) gets a block
-        // of its own rather than growing the one this thread keeps.
-        let computed = if blocks <= self.argon.params().block_count() {
-            argon.hash_password_into_with_memory(
-                password,
-                salt,
-                out,
-                working_memory(&mut self.memory, blocks),
-            )
-        } else {
-            argon.hash_password_into(password, salt, out)
-        };
         // `Output`'s equality is constant-time.
-        computed.is_ok() && Output::new(out).is_ok_and(|out| &out == expected)
+        self.compute(&argon, password, salt, out).is_ok()
+            && Output::new(out).is_ok_and(|out| &out == expected)
+    }
+
+    /// Runs `argon` in the kept memory, grown to its parameters' size if it is shorter. A
+    /// hash made with more memory than ours (older, stronger parameters) gets a block of its
+    /// own rather than growing the one this thread keeps.
+    fn compute(
+        &mut self,
+        argon: &Argon2<'_>,
+        password: &[u8],
+        salt: &[u8],
+        out: &mut [u8],
+    ) -> argon2::Result<()> {
+        let blocks = argon.params().block_count();
+        if blocks > self.argon.params().block_count() {
+            return argon.hash_password_into(password, salt, out);
+        }
+        if self.memory.len() < blocks {
+            self.memory.resize(blocks, Block::default());
+        }
+        argon.hash_password_into_with_memory(password, salt, out, &mut self.memory[..blocks])
     }
 
     /// Hands the working memory back to the allocator; the next hash takes it again.
     pub fn release(&mut self) {
         self.memory = Vec::new();
     }
-}
-
-/// The first `blocks` blocks of `memory`, grown to that many if it is shorter.
-fn working_memory(memory: &mut Vec<Block>, blocks: usize) -> &mut [Block] {
-    if memory.len() < blocks {
-        memory.resize(blocks, Block::default());
-    }
-    &mut memory[..blocks]
 }
 
 impl PasswordHasher {
@@ -174,10 +170,10 @@ impl PasswordHasher {
     }
 
     fn start_with(workers: usize, queue: usize, keep_alive: Duration) -> Result<Self, HashError> {
-        argon2()?;
         let (jobs, queue) = sync_channel::<Job>(queue);
         let pool = Pool {
             queue: Mutex::new(queue),
+            argon: argon2()?,
             max: workers.max(1),
             keep_alive,
             live: AtomicUsize::new(0),
@@ -239,34 +235,32 @@ fn spawn_worker(pool: Arc<Pool>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The PHC string of an argon2id (v=19) output made with `params` and `salt`.
+fn phc_string(params: &Params, salt: &[u8], output: &[u8]) -> Result<String, HashError> {
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: params.try_into().map_err(failed)?,
+        salt: Some(Salt::new(salt).map_err(failed)?),
+        hash: Some(Output::new(output).map_err(failed)?),
+    };
+    Ok(phc.to_string())
+}
+
 /// A PHC string with the server's parameters, a random salt and a random output: verifying
 /// against it costs exactly what verifying a real hash costs (argon2 runs in full, then
 /// the comparison fails), without spending a hash at start-up to make it.
 fn dummy_hash() -> Result<Arc<str>, HashError> {
-    use base64::Engine as _;
-    use base64::engine::general_purpose::STANDARD_NO_PAD;
-    let mut bytes = [0u8; 48];
-    getrandom::fill(&mut bytes).map_err(|e| HashError::Failed(e.to_string()))?;
-    let (salt, output) = bytes.split_at(16);
-    Ok(format!(
-        "$argon2id$v=19$m={MEMORY_KIB},t={ITERATIONS},p={PARALLELISM}${}${}",
-        STANDARD_NO_PAD.encode(salt),
-        STANDARD_NO_PAD.encode(output)
-    )
-    .into())
+    let mut bytes = [0u8; SALT_LEN + OUTPUT_LEN];
+    getrandom::fill(&mut bytes).map_err(failed)?;
+    let (salt, output) = bytes.split_at(SALT_LEN);
+    phc_string(argon2()?.params(), salt, output).map(Arc::from)
 }
 
 /// Runs jobs until none arrives for `keep_alive` or the pool is dropped; uncounts itself
 /// from `pool.live` as it leaves.
 fn worker(pool: &Pool) {
-    let mut hasher = match Hasher::new() {
-        Ok(hasher) => hasher,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not set up a hashing thread");
-            pool.live.fetch_sub(1, SeqCst);
-            return;
-        }
-    };
+    let mut hasher = Hasher::with(pool.argon.clone());
     pool.idle.fetch_add(1, SeqCst);
     loop {
         // Hold the lock only while waiting for the next job, not while hashing.
