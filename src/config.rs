@@ -132,6 +132,7 @@ pub struct Config {
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
     pub refresh_reuse_grace: Duration,
+    pub max_sessions_per_user: u64,
     pub rate_limit_login_per_ip: Rate,
     pub rate_limit_login_per_account: Rate,
     pub rate_limit_register_per_ip: Rate,
@@ -216,6 +217,7 @@ impl Config {
             access_token_ttl: env.duration("ACCESS_TOKEN_TTL", "15m")?,
             refresh_token_ttl: env.duration("REFRESH_TOKEN_TTL", "30d")?,
             refresh_reuse_grace: env.duration("REFRESH_REUSE_GRACE", "10s")?,
+            max_sessions_per_user: env.parse("MAX_SESSIONS_PER_USER", "100")?,
             rate_limit_login_per_ip: env.parse("RATE_LIMIT_LOGIN_PER_IP", "30/1m")?,
             rate_limit_login_per_account: env.parse("RATE_LIMIT_LOGIN_PER_ACCOUNT", "10/1m")?,
             rate_limit_register_per_ip: env.parse("RATE_LIMIT_REGISTER_PER_IP", "10/1m")?,
@@ -354,6 +356,15 @@ impl Config {
             return Err(invalid(
                 "LOGIN_COOLDOWN_MAX",
                 "must be at least LOGIN_COOLDOWN_BASE, which must be positive".into(),
+            ));
+        }
+        if self.max_sessions_per_user == 0 {
+            return Err(invalid("MAX_SESSIONS_PER_USER", "must be at least 1".into()));
+        }
+        if self.key_encryption_key_old.is_some() && self.key_encryption_key.is_none() {
+            return Err(invalid(
+                "KEY_ENCRYPTION_KEY_OLD",
+                "is set without KEY_ENCRYPTION_KEY: the old key only opens keys while they are re-sealed under the new one; set KEY_ENCRYPTION_KEY too (or unset KEY_ENCRYPTION_KEY_OLD)".into(),
             ));
         }
         if self.audit_queue_capacity == 0 {

@@ -37,7 +37,11 @@ use crate::token::AccessClaims;
 /// Clock skew tolerated on `exp`.
 pub const LEEWAY: Duration = Duration::from_secs(5);
 pub const ACCESS_TOKEN_TYPE: &str = "at+jwt";
-const SEALED_WITH: &str = "chacha20poly1305";
+/// How a private key is sealed: its associated data binds the ciphertext to the row's kid,
+/// algorithm and activation time, so a row edited in SQL no longer opens. The first format
+/// bound the kid only; rows in it are re-sealed at start.
+const SEALED_WITH: &str = "chacha20poly1305-v2";
+const SEALED_WITH_KID_ONLY: &str = "chacha20poly1305";
 
 /// A key-encryption key: 32 bytes.
 pub type Kek = SecretBox<[u8; 32]>;
@@ -158,21 +162,37 @@ fn public_jwk(alg: Algorithm, encoding: &EncodingKey) -> Result<Jwk, KeyError> {
     Ok(jwk)
 }
 
-fn seal(kek: &Kek, kid: &str, plain: &[u8]) -> Result<Vec<u8>, KeyError> {
+/// What a sealed key is bound to: kid, algorithm and activation time (whole seconds, which
+/// every database keeps exactly).
+fn associated_data(kid: &str, algorithm: &str, activates_at: DateTime<Utc>) -> Vec<u8> {
+    format!("{kid}\n{algorithm}\n{}", activates_at.timestamp()).into_bytes()
+}
+
+fn seal(kek: &Kek, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, KeyError> {
     let cipher = chacha20poly1305::ChaCha20Poly1305::new(kek.expose_secret().into());
     let mut nonce = [0u8; 12];
     getrandom::fill(&mut nonce).map_err(|e| KeyError::Generate(e.to_string()))?;
     let sealed = cipher
-        .encrypt(&nonce.into(), Payload { msg: plain, aad: kid.as_bytes() })
-        .map_err(|_| invalid(kid, "sealing the private key failed"))?;
+        .encrypt(&nonce.into(), Payload { msg: plain, aad })
+        .map_err(|_| KeyError::Generate("sealing a private key failed".into()))?;
     Ok([nonce.as_slice(), &sealed].concat())
 }
 
-fn unseal(kek: &Kek, kid: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+fn unseal(kek: &Kek, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     let (nonce, ciphertext) = sealed.split_at_checked(12)?;
     let nonce: [u8; 12] = nonce.try_into().ok()?;
     let cipher = chacha20poly1305::ChaCha20Poly1305::new(kek.expose_secret().into());
-    cipher.decrypt(&nonce.into(), Payload { msg: ciphertext, aad: kid.as_bytes() }).ok()
+    cipher.decrypt(&nonce.into(), Payload { msg: ciphertext, aad }).ok()
+}
+
+/// The associated data a row was sealed with, by its format; `None` for clear rows and
+/// unknown formats.
+fn row_aad(row: &signing_key::Model) -> Option<Vec<u8>> {
+    match row.private_key_encryption.as_deref()? {
+        SEALED_WITH => Some(associated_data(&row.kid, &row.algorithm, row.activates_at)),
+        SEALED_WITH_KID_ONLY => Some(row.kid.as_bytes().to_vec()),
+        _ => None,
+    }
 }
 
 /// A new key as a `signing_keys` row: published now, signing from `activates_at`.
@@ -187,13 +207,17 @@ pub fn generate(
     let jwk = public_jwk(alg, &encoding)?;
     let kid = jwk.common.key_id.clone().unwrap_or_default();
     let public_jwk = serde_json::to_string(&jwk).map_err(|e| invalid(&kid, e))?;
+    let algorithm = algorithm_name(alg).to_owned();
     let (private_key, private_key_encryption) = match kek {
-        Some(kek) => (seal(kek, &kid, &pkcs8)?, Some(SEALED_WITH.to_owned())),
+        Some(kek) => (
+            seal(kek, &associated_data(&kid, &algorithm, activates_at), &pkcs8)?,
+            Some(SEALED_WITH.to_owned()),
+        ),
         None => (pkcs8, None),
     };
     Ok(signing_key::Model {
         kid,
-        algorithm: algorithm_name(alg).to_owned(),
+        algorithm,
         public_jwk,
         private_key,
         private_key_encryption,
@@ -208,55 +232,73 @@ pub fn generate_ed25519(now: DateTime<Utc>) -> Result<signing_key::Model, KeyErr
     generate(Algorithm::EdDSA, now, now, None)
 }
 
-/// The private key of a row in clear, with the current or the previous KEK.
+/// The private key of a row in clear, opened with the current or the previous KEK. With a
+/// KEK configured, a row in clear is refused: it can only have been written by someone
+/// with access to SQL but not to the KEK (keys are sealed from the moment one is set).
 fn private_key(row: &signing_key::Model, settings: &KeySettings) -> Result<Vec<u8>, KeyError> {
     if row.private_key_encryption.is_none() {
+        if settings.kek.is_some() {
+            return Err(invalid(&row.kid, "stored in clear while KEY_ENCRYPTION_KEY is set; refused"));
+        }
         return Ok(row.private_key.clone());
     }
+    let aad = row_aad(row).ok_or_else(|| invalid(&row.kid, "sealed in an unknown format"))?;
     [settings.kek.as_ref(), settings.old_kek.as_ref()]
         .into_iter()
         .flatten()
-        .find_map(|kek| unseal(kek, &row.kid, &row.private_key))
+        .find_map(|kek| unseal(kek, &aad, &row.private_key))
         .ok_or_else(|| {
-            invalid(&row.kid, "the private key is sealed and KEY_ENCRYPTION_KEY (or KEY_ENCRYPTION_KEY_OLD) does not open it")
+            invalid(&row.kid, "the private key is sealed and KEY_ENCRYPTION_KEY (or KEY_ENCRYPTION_KEY_OLD) does not open it, or the row was altered")
         })
 }
 
-/// Start-up work under the start-up lock: seal keys under the current KEK (re-sealing
-/// those under the old one), and make sure a key of the configured algorithm exists.
-/// Any such key not yet retired counts, even one that activates a moment from now (the
-/// instance that made it may have a clock slightly ahead of ours).
+/// Start-up work under the start-up lock: make every key sealed under the current KEK in
+/// the current format (re-sealing those under the old KEK or the old format), and make sure
+/// a key of the configured algorithm exists. Keys found in clear are sealed only when no key
+/// is sealed yet (the KEK is being turned on); once keys are sealed, a clear row is refused
+/// (here and at load), never sealed into trust. Any usable key of the algorithm not yet
+/// retired counts, even one that activates a moment from now (the instance that made it
+/// may have a clock slightly ahead of ours).
 pub async fn prepare(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
     settings: &KeySettings,
 ) -> Result<(), KeyError> {
     let rows = signing_key::Entity::find().all(db).await?;
-    for row in &rows {
-        let want_sealed = settings.kek.is_some();
-        let sealed_now = row.private_key_encryption.is_some();
-        let under_current = sealed_now
-            && settings.kek.as_ref().is_some_and(|kek| unseal(kek, &row.kid, &row.private_key).is_some());
-        if want_sealed && !under_current || !want_sealed && sealed_now {
-            let plain = private_key(row, settings)?;
-            let (bytes, how) = match &settings.kek {
-                Some(kek) => (seal(kek, &row.kid, &plain)?, Some(SEALED_WITH.to_owned())),
-                None => (plain, None),
+    let turning_on = settings.kek.is_some() && rows.iter().all(|r| r.private_key_encryption.is_none());
+    if let Some(kek) = &settings.kek {
+        for row in &rows {
+            let current = row.private_key_encryption.as_deref() == Some(SEALED_WITH)
+                && row_aad(row).is_some_and(|aad| unseal(kek, &aad, &row.private_key).is_some());
+            if current {
+                continue;
+            }
+            let plain = match row.private_key_encryption {
+                None if turning_on => row.private_key.clone(),
+                None => {
+                    tracing::error!(kid = %row.kid, "a signing key is stored in clear beside sealed ones; refused (delete the row)");
+                    continue;
+                }
+                Some(_) => private_key(row, settings)?,
             };
+            let aad = associated_data(&row.kid, &row.algorithm, row.activates_at);
             signing_key::Entity::update_many()
-                .col_expr(signing_key::Column::PrivateKey, Expr::value(bytes))
-                .col_expr(signing_key::Column::PrivateKeyEncryption, Expr::value(how))
+                .col_expr(signing_key::Column::PrivateKey, Expr::value(seal(kek, &aad, &plain)?))
+                .col_expr(signing_key::Column::PrivateKeyEncryption, Expr::value(SEALED_WITH))
                 .filter(signing_key::Column::Kid.eq(row.kid.clone()))
                 .exec(db)
                 .await?;
-            tracing::info!(kid = %row.kid, sealed = want_sealed, "re-wrote a signing key under the current key-encryption key");
+            tracing::info!(kid = %row.kid, "sealed a signing key under the current key-encryption key");
         }
     }
     if settings.algorithm == Algorithm::HS256 {
         return Ok(());
     }
     let name = algorithm_name(settings.algorithm);
-    let usable = rows.iter().any(|k| k.algorithm == name && k.retires_at.is_none_or(|r| r > now));
+    let trusted =
+        |k: &signing_key::Model| settings.kek.is_none() || turning_on || k.private_key_encryption.is_some();
+    let usable =
+        rows.iter().any(|k| k.algorithm == name && k.retires_at.is_none_or(|r| r > now) && trusted(k));
     if !usable {
         let row = generate(settings.algorithm, now, now, settings.kek.as_ref())?;
         let kid = row.kid.clone();
@@ -293,7 +335,7 @@ pub async fn rotate(
 
 /// A key this instance can verify with, and sign with once active.
 struct Key {
-    kid: String,
+    kid: Arc<str>,
     alg: Algorithm,
     encoding: EncodingKey,
     decoding: DecodingKey,
@@ -322,7 +364,7 @@ impl Key {
         }
         let decoding = DecodingKey::from_jwk(&public).map_err(|e| invalid(&row.kid, e))?;
         Ok(Key {
-            kid: row.kid.clone(),
+            kid: Arc::from(row.kid.as_str()),
             alg,
             encoding,
             decoding,
@@ -336,7 +378,7 @@ impl Key {
         let bytes = secret.expose_secret().as_bytes();
         let digest = Sha256::digest([b"latchkey-hs256-kid:".as_slice(), bytes].concat());
         Key {
-            kid: format!("hs256-{}", &URL_SAFE_NO_PAD.encode(digest)[..16]),
+            kid: Arc::from(format!("hs256-{}", &URL_SAFE_NO_PAD.encode(digest)[..16])),
             alg: Algorithm::HS256,
             encoding: EncodingKey::from_secret(bytes),
             decoding: DecodingKey::from_secret(bytes),
@@ -352,7 +394,7 @@ pub struct KeyRing {
     algorithm: Algorithm,
     /// Newest activation first.
     keys: Vec<Arc<Key>>,
-    by_kid: HashMap<String, Arc<Key>>,
+    by_kid: HashMap<Arc<str>, Arc<Key>>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -379,12 +421,23 @@ impl KeyRing {
             let secret = settings.hmac_secret.as_ref().ok_or(KeyError::NoSigner)?;
             keys.push(Arc::new(Key::hmac(secret)));
         }
+        // A row that cannot be trusted (in clear under a KEK, altered, sealed under another
+        // KEK) is left out, never used: one bad row must not stop the others from loading.
+        let mut refused = None;
         for row in &rows {
-            keys.push(Arc::new(Key::from_row(row, settings)?));
+            match Key::from_row(row, settings) {
+                Ok(key) => keys.push(Arc::new(key)),
+                Err(e) => {
+                    tracing::error!(error = %e, "a signing key was refused");
+                    refused.get_or_insert(e);
+                }
+            }
         }
         let by_kid = keys.iter().map(|k| (k.kid.clone(), Arc::clone(k))).collect();
         let ring = Self { algorithm: settings.algorithm, keys, by_kid };
-        ring.signer(now).ok_or(KeyError::NoSigner)?;
+        if ring.signer(now).is_none() {
+            return Err(refused.unwrap_or(KeyError::NoSigner));
+        }
         Ok(ring)
     }
 
@@ -407,7 +460,7 @@ impl KeyRing {
         let key = self.signer(now).ok_or_else(|| ApiError::internal("no signing key is active"))?;
         let mut header = Header::new(key.alg);
         header.typ = Some(ACCESS_TOKEN_TYPE.into());
-        header.kid = Some(key.kid.clone());
+        header.kid = Some(key.kid.to_string());
         jsonwebtoken::encode(&header, claims, &key.encoding).map_err(ApiError::internal)
     }
 
@@ -430,6 +483,17 @@ impl KeyRing {
         audience: &str,
         now: DateTime<Utc>,
     ) -> Result<AccessClaims, ApiError> {
+        self.verify_with_kid(token, issuer, audience, now).map(|(claims, _)| claims)
+    }
+
+    /// `verify`, also naming the key that verified the token.
+    fn verify_with_kid(
+        &self,
+        token: &str,
+        issuer: &str,
+        audience: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(AccessClaims, Arc<str>), ApiError> {
         let key = self
             .key_for(token, now)
             .ok_or_else(|| ApiError::invalid_token("The token is malformed or not signed by a known key."))?;
@@ -443,7 +507,7 @@ impl KeyRing {
         let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
             .map_err(|_| ApiError::invalid_token("The token's signature or claims are not valid."))?;
         check_expiry(&data.claims, now)?;
-        Ok(data.claims)
+        Ok((data.claims, Arc::clone(&key.kid)))
     }
 }
 
@@ -465,7 +529,8 @@ const VERIFIED_CAPACITY: usize = 10_000;
 /// The current `KeyRing`, swapped whole on reload, and the verified-token cache.
 pub struct KeyCache {
     ring: RwLock<Arc<KeyRing>>,
-    verified: quick_cache::sync::Cache<[u8; 32], Arc<AccessClaims>>,
+    /// The claims and the kid that verified them.
+    verified: quick_cache::sync::Cache<[u8; 32], (Arc<AccessClaims>, Arc<str>)>,
     pub settings: KeySettings,
 }
 
@@ -487,15 +552,22 @@ impl KeyCache {
         now: DateTime<Utc>,
     ) -> Result<Arc<AccessClaims>, ApiError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(claims) = self.verified.get(&digest) {
-            if let Err(e) = check_expiry(&claims, now) {
-                self.verified.remove(&digest);
-                return Err(e);
+        let ring = self.current();
+        if let Some((claims, kid)) = self.verified.get(&digest) {
+            // Only while the key that verified it is still trusted: a key removed from the
+            // ring (an emergency) takes its tokens with it, cached or not.
+            if ring.by_kid.get(&*kid).is_some_and(|k| k.live(now)) {
+                if let Err(e) = check_expiry(&claims, now) {
+                    self.verified.remove(&digest);
+                    return Err(e);
+                }
+                return Ok(claims);
             }
-            return Ok(claims);
+            self.verified.remove(&digest);
         }
-        let claims = Arc::new(self.current().verify(token, issuer, audience, now)?);
-        self.verified.insert(digest, Arc::clone(&claims));
+        let (claims, kid) = ring.verify_with_kid(token, issuer, audience, now)?;
+        let claims = Arc::new(claims);
+        self.verified.insert(digest, (Arc::clone(&claims), kid));
         Ok(claims)
     }
 
@@ -509,13 +581,15 @@ impl KeyCache {
     /// Re-reads `signing_keys`; on failure the previous ring stays in use.
     pub async fn reload(&self, db: &impl ConnectionTrait, now: DateTime<Utc>) -> Result<(), KeyError> {
         let ring = Arc::new(KeyRing::load(db, now, &self.settings).await?);
-        // A key that vanished (deleted by hand after a compromise) takes its tokens with it.
-        if self.current().by_kid.keys().any(|kid| !ring.by_kid.contains_key(kid)) {
-            self.verified.clear();
-        }
+        let vanished = self.current().by_kid.keys().any(|kid| !ring.by_kid.contains_key(kid));
+        // The new ring first, then the cache: a token verified in between against a key that
+        // just vanished is dropped too (and every hit re-checks its key anyway).
         match self.ring.write() {
             Ok(mut slot) => *slot = ring,
             Err(poisoned) => *poisoned.into_inner() = ring,
+        }
+        if vanished {
+            self.verified.clear();
         }
         Ok(())
     }
@@ -653,5 +727,28 @@ mod tests {
         s.kek = Some(other);
         assert!(Key::from_row(&row, &s).is_ok(), "the old KEK still opens it during a KEK rotation");
         assert!(parse_kek("short").is_err());
+
+        // The seal binds the row: moved activation, changed algorithm, or another kid fail.
+        let mut moved = row.clone();
+        moved.activates_at = row.activates_at - chrono::Duration::days(30);
+        assert!(Key::from_row(&moved, &s).is_err(), "an altered activation time is refused");
+        let mut relabelled = row.clone();
+        relabelled.algorithm = "ES256".into();
+        assert!(Key::from_row(&relabelled, &s).is_err());
+        let mut downgraded = row.clone();
+        downgraded.private_key_encryption = Some(SEALED_WITH_KID_ONLY.into());
+        assert!(Key::from_row(&downgraded, &s).is_err(), "the old format's data does not open a new seal");
+
+        // A row sealed in the first format (kid only) still opens, until start-up re-seals it.
+        let pkcs8 = generate_pkcs8(Algorithm::EdDSA).expect("pkcs8");
+        let mut legacy = generate(Algorithm::EdDSA, now, now, None).expect("key");
+        legacy.private_key =
+            seal(s.old_kek.as_ref().expect("kek"), legacy.kid.as_bytes(), &pkcs8).expect("seal");
+        legacy.private_key_encryption = Some(SEALED_WITH_KID_ONLY.into());
+        assert!(private_key(&legacy, &s).is_ok_and(|k| k == pkcs8));
+
+        // With a KEK set, a key in clear is never used.
+        let clear = generate(Algorithm::EdDSA, now, now, None).expect("key");
+        assert!(Key::from_row(&clear, &s).is_err(), "a clear row under a KEK is refused");
     }
 }

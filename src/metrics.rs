@@ -178,7 +178,9 @@ mod timed_impls {
     use crate::config::Rate;
     use crate::rate_limit::{CooldownPolicy, Decision};
     use crate::store::limits::{Admission, LimitStore, LoginBudgets};
-    use crate::store::revocation::{Activation, RevocationStore, SessionRecord, StoreError};
+    use crate::store::revocation::{
+        Activated, Activation, Ending, RevocationStore, SessionRecord, StoreError, TokenState,
+    };
 
     #[async_trait]
     impl RevocationStore for Timed<dyn RevocationStore> {
@@ -191,11 +193,14 @@ mod timed_impls {
         async fn session(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
             self.time(self.inner.session(id)).await
         }
-        async fn activate(&self, a: &Activation) -> Result<(), StoreError> {
+        async fn activate(&self, a: &Activation) -> Result<Activated, StoreError> {
             self.time(self.inner.activate(a)).await
         }
-        async fn revoke(&self, sessions: &[Uuid], jtis: &[Uuid]) -> Result<(), StoreError> {
-            self.time(self.inner.revoke(sessions, jtis)).await
+        async fn end(&self, sessions: &[Ending], hashes: &[String]) -> Result<(), StoreError> {
+            self.time(self.inner.end(sessions, hashes)).await
+        }
+        async fn refresh_token(&self, hash: &str) -> Result<Option<TokenState>, StoreError> {
+            self.time(self.inner.refresh_token(hash)).await
         }
     }
 

@@ -128,9 +128,21 @@ impl Application {
 
         let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity);
         let profiles = profile_reads(&config, &db, &metrics);
-        let state =
-            Arc::new(AppState { config, db, store, limits, keys, hasher, clock, audit, metrics, profiles });
+        let state = Arc::new(AppState {
+            config,
+            db,
+            store,
+            limits,
+            keys,
+            hasher,
+            clock,
+            audit,
+            metrics,
+            profiles,
+            revocations: sessions::Pending::default(),
+        });
         sessions::spawn_pruner(Arc::downgrade(&state));
+        sessions::spawn_reconciler(Arc::downgrade(&state));
         crate::audit::spawn_pruner(Arc::downgrade(&state));
         spawn_key_refresher(Arc::downgrade(&state));
         Ok(Self { acceptor, port, metrics_listener, state, audit_worker })

@@ -28,4 +28,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `/v1/users/me`'s reads, folded together under load.
     pub profiles: Batcher<Uuid, Profile>,
+    /// Revocations SQL has and this instance could not yet write to the store.
+    pub revocations: crate::service::sessions::Pending,
 }

@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_initial;
 mod m20261124_000002_oauth_clients;
+mod m20261201_000003_revocation;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_oauth_clients::Migration),
+            Box::new(m20261201_000003_revocation::Migration),
         ]
     }
 }

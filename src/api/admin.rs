@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use poem::web::Data;
 use poem_openapi::OpenApi;
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use uuid::Uuid;
 
 use super::ApiTags;
 use super::auth::NoContent;
 use super::security::BearerAuth;
-use super::users::SessionList;
+use super::users::{SessionList, default_page};
 use crate::audit::AuditEvent;
 use crate::error::{ApiError, ErrorCode};
 use crate::service::{auth, sessions};
@@ -40,10 +40,16 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         auth: BearerAuth,
         id: Path<Uuid>,
+        /// The `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Sessions per page, 1 to 100 (default 50).
+        #[oai(default = "default_page", validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<u64>,
     ) -> Result<Json<SessionList>, ApiError> {
         require_admin(&state, &auth).await?;
-        let rows = sessions::list_live(&state.db, id.0, state.clock.now()).await?;
-        Ok(Json(SessionList::from_rows(rows, Some(auth.0.claims.sid))))
+        let page =
+            sessions::list_live(&state.db, id.0, state.clock.now(), cursor.0.as_deref(), limit.0).await?;
+        Ok(Json(SessionList::from_page(page, Some(auth.0.claims.sid))))
     }
 
     /// End every session of a user (admin)

@@ -103,8 +103,10 @@ pub struct RefreshRequest {
     pub refresh_token: Option<SecretField>,
 }
 
-/// The refresh token's cookie in cookie mode.
-pub const REFRESH_COOKIE: &str = "latchkey_refresh";
+/// The refresh token's cookie in cookie mode. The `__Host-` prefix makes browsers accept it
+/// only with `Secure`, `Path=/` and no `Domain`, so a sibling subdomain cannot plant one
+/// that shadows it.
+pub const REFRESH_COOKIE: &str = "__Host-latchkey_refresh";
 /// The header a cookie-carrying refresh must send (any value): a cross-site page cannot
 /// add it without a CORS preflight that only allowed origins pass.
 pub const CSRF_HEADER: &str = "x-requested-with";
@@ -159,8 +161,7 @@ pub enum TokenResponse {
 }
 
 /// The token response; in cookie mode (and when `cookie_allowed`) the refresh token goes
-/// into an `HttpOnly; Secure; SameSite=Strict` cookie scoped to `/v1/auth` instead of the
-/// body.
+/// into an `HttpOnly; Secure; SameSite=Strict` host-only cookie instead of the body.
 pub fn cookie_response(config: &Config, t: Tokens, cookie_allowed: bool) -> TokenResponse {
     let in_cookie = config.refresh_token_cookie && cookie_allowed;
     let cookie = in_cookie.then(|| refresh_cookie(&t.refresh_token, t.refresh_expires_in));
@@ -180,19 +181,34 @@ pub fn cookie_response(config: &Config, t: Tokens, cookie_allowed: bool) -> Toke
 }
 
 fn refresh_cookie(value: &str, max_age: u64) -> String {
-    format!("{REFRESH_COOKIE}={value}; HttpOnly; Secure; SameSite=Strict; Path=/v1/auth; Max-Age={max_age}")
+    format!("{REFRESH_COOKIE}={value}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={max_age}")
 }
 
-/// The refresh token from the cookie, if the request has one.
-fn cookie_token(req: &Request) -> Option<String> {
-    req.headers()
+/// The refresh token from the cookie, if the request has one. Two cookies of that name
+/// mean one was planted (a browser sends every matching cookie, in an order the server
+/// cannot trust): refused rather than guessed.
+fn cookie_token(req: &Request) -> Result<Option<String>, ApiError> {
+    let mut found = req
+        .headers()
         .get_all(poem::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == REFRESH_COOKIE)
-        .map(|(_, value)| value.to_owned())
+        .filter(|(name, _)| *name == REFRESH_COOKIE)
+        .map(|(_, value)| value.to_owned());
+    let first = found.next();
+    if found.next().is_some() {
+        return Err(ApiError::validation(format!(
+            "The request carries more than one {REFRESH_COOKIE} cookie."
+        )));
+    }
+    Ok(first)
+}
+
+/// 204, clearing the refresh cookie in cookie mode.
+fn ended(config: &Config) -> NoContent {
+    if config.refresh_token_cookie { NoContent::ClearCookie(refresh_cookie("", 0)) } else { NoContent::Done }
 }
 
 #[derive(ApiResponse)]
@@ -264,7 +280,7 @@ impl AuthApi {
             (Some(token), _) => token.0,
             (None, true) => {
                 let token =
-                    cookie_token(req).ok_or_else(|| ApiError::invalid_token("No refresh token cookie."))?;
+                    cookie_token(req)?.ok_or_else(|| ApiError::invalid_token("No refresh token cookie."))?;
                 if req.headers().get(CSRF_HEADER).is_none_or(|v| v.is_empty()) {
                     return Err(ApiError::new(
                         ErrorCode::Forbidden,
@@ -292,11 +308,7 @@ impl AuthApi {
     ) -> Result<NoContent, ApiError> {
         let client = client_info(req, &state.config.trusted_proxies);
         auth::logout(&state, auth.0.claims.sub, auth.0.claims.sid, &client).await?;
-        Ok(if state.config.refresh_token_cookie {
-            NoContent::ClearCookie(refresh_cookie("", 0))
-        } else {
-            NoContent::Done
-        })
+        Ok(ended(&state.config))
     }
 
     /// End every session of this user
@@ -312,7 +324,7 @@ impl AuthApi {
     ) -> Result<NoContent, ApiError> {
         let client = client_info(req, &state.config.trusted_proxies);
         auth::logout_all(&state, auth.0.claims.sub, &client).await?;
-        Ok(NoContent::Done)
+        Ok(ended(&state.config))
     }
 
     /// The current session

@@ -20,6 +20,7 @@ use crate::service::limit::{self, Limit};
 use crate::service::{auth, clients, sessions};
 use crate::state::AppState;
 use crate::store::entity::session;
+use crate::store::revocation::TokenState;
 use sea_orm::EntityTrait as _;
 
 /// RFC 8414 metadata. Only fields that are true: Latchkey has no authorization endpoint
@@ -309,6 +310,30 @@ async fn introspect(state: &AppState, presented: &str) -> Result<Introspection, 
     }
     if presented.len() > 128 {
         return Ok(Introspection::default());
+    }
+    // The store knows most refresh tokens' state; SQL answers when it has no entry.
+    match state.store.refresh_token(&crate::token::refresh_token_hash(presented)).await? {
+        Some(TokenState::Live(t)) => {
+            let live = t.expires_at > now
+                && state.store.session(t.session_id).await?.is_some_and(|s| s.user_id == t.user_id);
+            if !live {
+                return Ok(Introspection::default());
+            }
+            return Ok(Introspection {
+                active: true,
+                token_type: Some("refresh_token".into()),
+                sub: Some(t.user_id.to_string()),
+                client_id: Some(state.config.jwt_client_id.clone()),
+                iss: Some(state.config.jwt_issuer.clone()),
+                exp: Some(t.expires_at.timestamp()),
+                iat: Some(t.issued_at.timestamp()),
+                jti: Some(t.jti.to_string()),
+                sid: Some(t.session_id.to_string()),
+                ..Introspection::default()
+            });
+        }
+        Some(TokenState::Retired | TokenState::Revoked) => return Ok(Introspection::default()),
+        None => {}
     }
     let Some(row) = auth::find_refresh_token(&state.db, presented).await? else {
         return Ok(Introspection::default());

@@ -36,6 +36,11 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Authenticat
 pub async fn authenticate(state: &AppState, token: &str) -> Result<Authenticated, ApiError> {
     let now = state.clock.now();
     let claims = state.keys.verify(token, &state.config.jwt_issuer, &state.config.jwt_audience, now)?;
+    // This instance ended a session the store has not heard of: finish that before trusting
+    // the store's answer (503 while it cannot).
+    if state.revocations.is_dirty() {
+        crate::service::sessions::reconcile(state).await?;
+    }
     let session =
         state.store.session(claims.sid).await?.filter(|s| s.user_id == claims.sub).ok_or_else(|| {
             ApiError::new(ErrorCode::TokenRevoked, "The session has ended; refresh or log in again.")

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use poem::web::Data;
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi};
 use uuid::Uuid;
@@ -15,7 +15,6 @@ use super::security::BearerAuth;
 use crate::error::ApiError;
 use crate::service::{auth, sessions};
 use crate::state::AppState;
-use crate::store::entity::session;
 
 #[derive(Object)]
 pub struct Profile {
@@ -46,14 +45,19 @@ pub struct SessionSummary {
     pub current: bool,
 }
 
+/// A page of live sessions, most recently used first.
 #[derive(Object)]
 pub struct SessionList {
     pub sessions: Vec<SessionSummary>,
+    /// Pass it as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
+    pub next_cursor: Option<String>,
 }
 
 impl SessionList {
-    pub fn from_rows(rows: Vec<session::Model>, current: Option<Uuid>) -> Self {
-        let sessions = rows
+    pub fn from_page(page: sessions::Page, current: Option<Uuid>) -> Self {
+        let sessions = page
+            .rows
             .into_iter()
             .map(|s| SessionSummary {
                 device: sessions::device_label(s.user_agent.as_deref()),
@@ -66,8 +70,12 @@ impl SessionList {
                 expires_at: s.expires_at,
             })
             .collect();
-        Self { sessions }
+        Self { sessions, next_cursor: page.next_cursor }
     }
+}
+
+pub fn default_page() -> u64 {
+    50
 }
 
 pub struct UsersApi;
@@ -94,9 +102,21 @@ impl UsersApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: BearerAuth,
+        /// The `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Sessions per page, 1 to 100 (default 50).
+        #[oai(default = "default_page", validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<u64>,
     ) -> Result<Json<SessionList>, ApiError> {
-        let rows = sessions::list_live(&state.db, auth.0.claims.sub, state.clock.now()).await?;
-        Ok(Json(SessionList::from_rows(rows, Some(auth.0.claims.sid))))
+        let page = sessions::list_live(
+            &state.db,
+            auth.0.claims.sub,
+            state.clock.now(),
+            cursor.0.as_deref(),
+            limit.0,
+        )
+        .await?;
+        Ok(Json(SessionList::from_page(page, Some(auth.0.claims.sid))))
     }
 
     /// End one of the signed-in user's sessions

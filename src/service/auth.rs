@@ -21,17 +21,28 @@ use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::store::entity::{refresh_token, role, session, user, user_role};
-use crate::store::revocation::{Activation, SessionRecord};
+use crate::store::revocation::{Activated, Activation, SessionRecord, TokenInfo, TokenState};
 use crate::token::{self, AccessClaims};
 
-/// What login and refresh hand back.
-#[derive(Debug)]
+/// What login and refresh hand back. `Debug` shows neither token.
 pub struct Tokens {
     pub access_token: String,
     pub expires_in: u64,
     pub refresh_token: String,
     pub refresh_expires_in: u64,
     pub session_id: Uuid,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("access_token", &"***")
+            .field("expires_in", &self.expires_in)
+            .field("refresh_token", &"***")
+            .field("refresh_expires_in", &self.refresh_expires_in)
+            .field("session_id", &self.session_id)
+            .finish()
+    }
 }
 
 /// A user agent longer than this is cut: it is a label, not evidence.
@@ -132,6 +143,7 @@ pub async fn login(
         last_used_at: Set(now),
         expires_at: Set(expires_at),
         revoked_at: Set(None),
+        revocation_pending: Set(false),
     };
     let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
     write_login(&state.db, new_session, first_token, account.id, now).await?;
@@ -142,7 +154,21 @@ pub async fn login(
             .detail(serde_json::json!({"session_id": session_id})),
     );
 
-    issue(state, account.id, session_id, expires_at, roles, jti, None, refresh, now).await
+    let info = TokenInfo { jti, session_id, user_id: account.id, issued_at: now, expires_at };
+    let tokens = issue(state, info, roles, refresh, None, now).await?;
+    // Beyond MAX_SESSIONS_PER_USER, the least recently used sessions end. Committed in SQL
+    // with their revocation pending, so a store failure here is finished by the reconciler.
+    match sessions::enforce_limit(state, account.id).await {
+        Ok(0) => {}
+        Ok(n) => state.audit.record(
+            AuditEvent::new("session_revoked", "session_limit", now)
+                .user(account.id)
+                .client(client)
+                .detail(serde_json::json!({"sessions": n})),
+        ),
+        Err(e) => tracing::warn!(error = %e.detail, "ending sessions beyond MAX_SESSIONS_PER_USER failed"),
+    }
+    Ok(tokens)
 }
 
 /// Writes a new session, its first refresh token and the account's last login, all or
@@ -227,39 +253,41 @@ pub async fn roles_of(db: &impl ConnectionTrait, user_id: Uuid) -> Result<Vec<St
     Ok(names)
 }
 
-/// After the commit: make the session live in the revocation store, then sign.
-#[allow(clippy::too_many_arguments)]
+/// After the commit: make the session live in the revocation store (unless it ended
+/// meanwhile), then sign.
 async fn issue(
     state: &AppState,
-    user_id: Uuid,
-    session_id: Uuid,
-    session_expires_at: DateTime<Utc>,
+    token: TokenInfo,
     roles: Vec<String>,
-    jti: Uuid,
-    retired_jti: Option<Uuid>,
     refresh_token: String,
+    retired_hash: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<Tokens, ApiError> {
-    state
+    let activated = state
         .store
         .activate(&Activation {
-            session_id,
-            record: SessionRecord { user_id, expires_at: session_expires_at },
-            refresh_jti: jti,
-            retired_jti,
-            ttl: std_until(now, session_expires_at),
+            session_id: token.session_id,
+            record: SessionRecord { user_id: token.user_id, expires_at: token.expires_at },
+            token_hash: token::refresh_token_hash(&refresh_token),
+            token,
+            retired_hash,
+            ttl: std_until(now, token.expires_at),
         })
         .await?;
+    if activated == Activated::Ended {
+        // A logout (or any other end) committed after this request read the session.
+        return Err(session_ended());
+    }
 
     let access_ttl = chrono::Duration::from_std(state.config.access_token_ttl).map_err(ApiError::internal)?;
     // An access token never outlives its session.
-    let exp = (now + access_ttl).min(session_expires_at);
+    let exp = (now + access_ttl).min(token.expires_at);
     let claims = AccessClaims {
         iss: state.config.jwt_issuer.clone(),
         aud: state.config.jwt_audience.clone(),
-        sub: user_id,
+        sub: token.user_id,
         client_id: state.config.jwt_client_id.clone(),
-        sid: session_id,
+        sid: token.session_id,
         jti: Uuid::new_v4(),
         iat: now.timestamp(),
         exp: exp.timestamp(),
@@ -269,9 +297,13 @@ async fn issue(
         access_token: state.keys.current().sign(&claims, now)?,
         expires_in: seconds_until(now, exp),
         refresh_token,
-        refresh_expires_in: seconds_until(now, session_expires_at),
-        session_id,
+        refresh_expires_in: seconds_until(now, token.expires_at),
+        session_id: token.session_id,
     })
+}
+
+fn session_ended() -> ApiError {
+    refresh_refused("The session of this refresh token has ended.")
 }
 
 fn refresh_refused(detail: &'static str) -> ApiError {
@@ -283,8 +315,8 @@ fn reused() -> ApiError {
 }
 
 /// What a retired refresh token gets when it is presented again: the one rule (SPEC,
-/// "Tokens"), kept in one place.
-#[derive(Debug, PartialEq, Eq)]
+/// "Tokens"), kept in one place. `Debug` never shows the successor token.
+#[derive(PartialEq, Eq)]
 pub enum Reuse {
     /// Within the grace window, successor still live: hand back that same successor.
     SameSuccessor(String),
@@ -293,6 +325,16 @@ pub enum Reuse {
     Refuse,
     /// Outside the window: theft. End the whole session.
     Theft,
+}
+
+impl std::fmt::Debug for Reuse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reuse::SameSuccessor(_) => "SameSuccessor(***)",
+            Reuse::Refuse => "Refuse",
+            Reuse::Theft => "Theft",
+        })
+    }
 }
 
 pub fn judge_reuse(
@@ -319,6 +361,9 @@ pub fn judge_reuse(
     }
 }
 
+/// Rotates a refresh token. The store answers first (one round trip): a revoked token is
+/// refused there, and a live one is rotated by the compare-and-swap without the two SQL
+/// reads that find it. Anything else (no entry, retired, a lost race) is judged from SQL.
 pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> Result<Tokens, ApiError> {
     let rate = state.config.rate_limit_refresh_per_ip;
     limit::charge(state, Limit::RefreshPerIp, &limit::ip_key(client), rate, client).await?;
@@ -326,52 +371,97 @@ pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> 
     if presented.len() > 128 {
         return Err(refresh_refused("The refresh token is not valid."));
     }
-    let row = find_refresh_token(&state.db, presented)
+    let hash = token::refresh_token_hash(presented);
+    let now = state.clock.now();
+    match state.store.refresh_token(&hash).await? {
+        Some(TokenState::Revoked) => return Err(session_ended()),
+        Some(TokenState::Live(info)) if now < info.expires_at => {
+            if let Some(tokens) = rotate(state, presented, &hash, info, client, now).await? {
+                return Ok(tokens);
+            }
+        }
+        _ => {}
+    }
+    refresh_from_sql(state, presented, &hash, client, now).await
+}
+
+async fn refresh_from_sql(
+    state: &AppState,
+    presented: &str,
+    hash: &str,
+    client: &ClientInfo,
+    now: DateTime<Utc>,
+) -> Result<Tokens, ApiError> {
+    let row = refresh_token::Entity::find()
+        .filter(refresh_token::Column::TokenHash.eq(hash))
+        .one(&state.db)
         .await?
         .ok_or_else(|| refresh_refused("The refresh token is not valid."))?;
-    let now = state.clock.now();
-    let ended = || refresh_refused("The session of this refresh token has ended.");
     if row.revoked_at.is_some() {
-        return Err(ended());
+        return Err(session_ended());
     }
-    let session = session::Entity::find_by_id(row.session_id).one(&state.db).await?.ok_or_else(ended)?;
+    let session =
+        session::Entity::find_by_id(row.session_id).one(&state.db).await?.ok_or_else(session_ended)?;
     if session.revoked_at.is_some() || now >= session.expires_at {
-        return Err(ended());
+        return Err(session_ended());
     }
     if row.retired_at.is_some() {
         return reuse(state, presented, row, &session, client, now).await;
     }
+    let info = TokenInfo {
+        jti: row.id,
+        session_id: session.id,
+        user_id: row.user_id,
+        issued_at: row.created_at,
+        expires_at: session.expires_at,
+    };
+    if let Some(tokens) = rotate(state, presented, hash, info, client, now).await? {
+        return Ok(tokens);
+    }
+    // Another request won the race; its commit is visible now. Judge as a reuse.
+    let row = refresh_token::Entity::find_by_id(row.id).one(&state.db).await?.ok_or_else(session_ended)?;
+    if row.revoked_at.is_some() {
+        return Err(session_ended());
+    }
+    reuse(state, presented, row, &session, client, now).await
+}
 
+/// Retires `parent` and issues its successor, if this request wins the compare-and-swap
+/// (`None` if it does not: the token was retired or revoked meanwhile).
+async fn rotate(
+    state: &AppState,
+    presented: &str,
+    parent_hash: &str,
+    parent: TokenInfo,
+    client: &ClientInfo,
+    now: DateTime<Utc>,
+) -> Result<Option<Tokens>, ApiError> {
     let new_token = token::new_refresh_token()?;
     let sealed = token::seal_successor(presented, &new_token)?;
     let jti = Uuid::now_v7();
     let txn = state.db.begin().await?;
     // The compare-and-swap: exactly one caller retires this token and names its successor.
+    // An ended session's tokens are revoked in the same transaction that ends it.
     let retired = refresh_token::Entity::update_many()
         .col_expr(refresh_token::Column::RetiredAt, Expr::value(now))
         .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(sealed))
-        .filter(refresh_token::Column::Id.eq(row.id))
+        .filter(refresh_token::Column::Id.eq(parent.jti))
         .filter(refresh_token::Column::RetiredAt.is_null())
         .filter(refresh_token::Column::RevokedAt.is_null())
         .exec(&txn)
         .await?;
     if retired.rows_affected != 1 {
-        // Another request won the race; its commit is visible now. Judge as a reuse.
         txn.rollback().await?;
-        let row = refresh_token::Entity::find_by_id(row.id).one(&state.db).await?.ok_or_else(ended)?;
-        if row.revoked_at.is_some() {
-            return Err(ended());
-        }
-        return reuse(state, presented, row, &session, client, now).await;
+        return Ok(None);
     }
     refresh_token_row(
         jti,
-        session.id,
-        row.user_id,
+        parent.session_id,
+        parent.user_id,
         &new_token,
-        Some(row.id),
+        Some(parent.jti),
         now,
-        session.expires_at,
+        parent.expires_at,
         client,
     )
     .insert(&txn)
@@ -379,19 +469,20 @@ pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> 
     session::Entity::update_many()
         .col_expr(session::Column::LastUsedAt, Expr::value(now))
         .col_expr(session::Column::LastUsedIp, Expr::value(client.ip.map(|ip| ip.to_string())))
-        .filter(session::Column::Id.eq(session.id))
+        .filter(session::Column::Id.eq(parent.session_id))
         .exec(&txn)
         .await?;
-    let roles = roles_of(&txn, row.user_id).await?;
+    let roles = roles_of(&txn, parent.user_id).await?;
     txn.commit().await?;
 
     state.audit.record(
         AuditEvent::new("refresh", "success", now)
-            .user(row.user_id)
+            .user(parent.user_id)
             .client(client)
-            .detail(serde_json::json!({"session_id": session.id})),
+            .detail(serde_json::json!({"session_id": parent.session_id})),
     );
-    issue(state, row.user_id, session.id, session.expires_at, roles, jti, Some(row.id), new_token, now).await
+    let info = TokenInfo { jti, issued_at: now, ..parent };
+    issue(state, info, roles, new_token, Some(parent_hash.to_owned()), now).await.map(Some)
 }
 
 async fn reuse(
@@ -409,30 +500,33 @@ async fn reuse(
     match judge_reuse(presented, &row, successor.as_ref(), now, state.config.refresh_reuse_grace) {
         Reuse::SameSuccessor(token) => {
             let successor = successor.ok_or_else(|| ApiError::internal("successor vanished"))?;
+            state.audit.record(
+                AuditEvent::new("refresh_grace_replay", "same_successor", now)
+                    .user(row.user_id)
+                    .client(client)
+                    .detail(serde_json::json!({"session_id": session.id, "token_id": row.id})),
+            );
             let roles = roles_of(&state.db, row.user_id).await?;
-            issue(
-                state,
-                row.user_id,
-                session.id,
-                session.expires_at,
-                roles,
-                successor.id,
-                Some(row.id),
-                token,
-                now,
-            )
-            .await
+            let info = TokenInfo {
+                jti: successor.id,
+                session_id: session.id,
+                user_id: row.user_id,
+                issued_at: successor.created_at,
+                expires_at: session.expires_at,
+            };
+            issue(state, info, roles, token, Some(row.token_hash), now).await
         }
         Reuse::Refuse => Err(reused()),
         Reuse::Theft => {
-            sessions::end(state, sessions::Scope::One(session.id)).await?;
-            tracing::warn!(session_id = %session.id, user_id = %row.user_id, "refresh token reused after rotation; session revoked");
+            // Recorded before anything that can fail: the attempt is evidence either way.
+            tracing::warn!(session_id = %session.id, user_id = %row.user_id, "refresh token reused after rotation; revoking the session");
             state.audit.record(
                 AuditEvent::new("refresh_token_reused", "session_revoked", now)
                     .user(row.user_id)
                     .client(client)
                     .detail(serde_json::json!({"session_id": session.id, "token_id": row.id})),
             );
+            sessions::end(state, sessions::Scope::One(session.id)).await?;
             Err(reused())
         }
     }
@@ -486,4 +580,25 @@ pub async fn profile(state: &AppState, user_id: Uuid) -> Result<users::Profile, 
         .get(user_id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::TokenRevoked, "The account no longer exists."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_never_print_their_secrets() {
+        let tokens = Tokens {
+            access_token: "eyJhbGciOiJFZERTQSJ9.secret-claims.signature".into(),
+            expires_in: 900,
+            refresh_token: "qzZbRefreshSecretValue".into(),
+            refresh_expires_in: 60,
+            session_id: Uuid::nil(),
+        };
+        let printed = format!("{tokens:?} {:?}", Reuse::SameSuccessor("qzZbSuccessorSecret".into()));
+        for secret in ["secret-claims", "qzZbRefreshSecretValue", "qzZbSuccessorSecret"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("expires_in: 900"), "the rest still prints: {printed}");
+    }
 }

@@ -1,93 +1,324 @@
-//! Sessions: listing, ending (one, all, or a whole family on theft) and pruning.
+//! Sessions: listing, ending (one, all, or a whole family on theft), reconciling the
+//! revocation store with SQL, and pruning.
 //!
-//! Ending a session writes SQL first (the truth), then deletes it from the revocation
-//! store (the instant effect). Both steps are idempotent, so a retry after a store
-//! failure finishes the job.
+//! Ending a session is one SQL transaction (the truth): the sessions get `revoked_at` and
+//! `revocation_pending`, their refresh tokens `revoked_at`, by set-based statements that
+//! work for any number of sessions. Then the revocation store gets a tombstone per session
+//! and a revoked mark per token, in bounded batches, and the pending flag is cleared. If the
+//! store write fails (or the process dies first), the flag stays: the reconciler on every
+//! instance finishes the job as soon as the store answers, and this instance's bearer
+//! check does it first before trusting the store again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait as _};
+use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
-    ColumnTrait as _, ConnectionTrait, EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
-    TransactionTrait as _,
+    ColumnTrait as _, ConnectionTrait, DbErr, EntityTrait as _, QueryFilter as _, QueryOrder as _,
+    QuerySelect as _, QueryTrait as _, TransactionTrait as _,
 };
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::store::entity::{refresh_token, session};
+use crate::store::revocation::{Ending, StoreError};
 
 /// How long ended sessions stay in SQL (for the session list's history and audits)
 /// before the pruner deletes them with their refresh tokens.
 pub const RETENTION: chrono::Duration = chrono::Duration::days(7);
 pub const PRUNE_BATCH: u64 = 500;
 pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Sessions (and token hashes) per store call, and ids bound per SQL statement.
+pub const BATCH: usize = 1000;
+/// How often an instance that failed to write a revocation to the store tries again.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often every instance looks in SQL for revocations the store may not have seen (left
+/// by an instance that died between its commit and the store write).
+pub const SWEEP_EVERY: u32 = 60;
+/// The largest page of the session lists.
+pub const MAX_PAGE: u64 = 100;
 
-/// The user's live sessions, most recently used first.
+/// One page of a user's live sessions, most recently used first.
+pub struct Page {
+    pub rows: Vec<session::Model>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A position in the list: the last row's (last use, id), opaque to clients.
+struct Cursor {
+    last_used_at: DateTime<Utc>,
+    id: Uuid,
+}
+
+impl Cursor {
+    fn encode(row: &session::Model) -> String {
+        let nanos = row.last_used_at.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        URL_SAFE_NO_PAD.encode(format!("{nanos}.{}", row.id.simple()))
+    }
+
+    fn decode(raw: &str) -> Result<Self, ApiError> {
+        let bad = || ApiError::validation("cursor: not a cursor this API returned");
+        let text = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
+        let text = std::str::from_utf8(&text).map_err(|_| bad())?;
+        let (nanos, id) = text.split_once('.').ok_or_else(bad)?;
+        let nanos: i64 = nanos.parse().map_err(|_| bad())?;
+        Ok(Cursor { last_used_at: DateTime::from_timestamp_nanos(nanos), id: id.parse().map_err(|_| bad())? })
+    }
+}
+
+/// A page of the user's live sessions, most recently used first, after `cursor`.
 pub async fn list_live(
     db: &impl ConnectionTrait,
     user_id: Uuid,
     now: DateTime<Utc>,
-) -> Result<Vec<session::Model>, ApiError> {
-    Ok(session::Entity::find()
+    cursor: Option<&str>,
+    limit: u64,
+) -> Result<Page, ApiError> {
+    let limit = limit.clamp(1, MAX_PAGE);
+    let mut query = session::Entity::find()
+        .filter(session::Column::UserId.eq(user_id))
+        .filter(session::Column::RevokedAt.is_null())
+        .filter(session::Column::ExpiresAt.gt(now));
+    if let Some(raw) = cursor {
+        let c = Cursor::decode(raw)?;
+        query = query.filter(
+            session::Column::LastUsedAt
+                .lt(c.last_used_at)
+                .or(session::Column::LastUsedAt.eq(c.last_used_at).and(session::Column::Id.lt(c.id))),
+        );
+    }
+    let mut rows = query
+        .order_by_desc(session::Column::LastUsedAt)
+        .order_by_desc(session::Column::Id)
+        .limit(limit + 1)
+        .all(db)
+        .await?;
+    let more = rows.len() as u64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = if more { rows.last().map(Cursor::encode) } else { None };
+    Ok(Page { rows, next_cursor })
+}
+
+/// Which sessions to end.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    One(Uuid),
+    AllOfUser(Uuid),
+    /// A bounded list (at most `BATCH` ids).
+    These(Vec<Uuid>),
+}
+
+/// Whether this instance failed to tell the store of a revocation that SQL has, and the
+/// lock that lets one task at a time reconcile.
+#[derive(Default)]
+pub struct Pending {
+    dirty: AtomicBool,
+    reconciling: tokio::sync::Mutex<()>,
+}
+
+impl Pending {
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    fn mark(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+}
+
+fn std_until(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
+    (then - now).to_std().unwrap_or(Duration::ZERO)
+}
+
+fn decode_ended(rows: &[sea_orm::QueryResult]) -> Result<Vec<(Uuid, DateTime<Utc>)>, DbErr> {
+    rows.iter().map(|r| Ok((r.try_get("", "id")?, r.try_get("", "expires_at")?))).collect()
+}
+
+/// Ends the sessions in `scope`; returns the ids of those that were live in SQL.
+/// Idempotent: ending an ended session changes nothing.
+pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> {
+    let now = state.clock.now();
+    let sessions = session::Entity::update_many()
+        .col_expr(session::Column::RevokedAt, Expr::value(now))
+        .col_expr(session::Column::RevocationPending, Expr::value(true))
+        .filter(session::Column::RevokedAt.is_null());
+    let sessions = match &scope {
+        Scope::One(id) => sessions.filter(session::Column::Id.eq(*id)),
+        Scope::AllOfUser(user) => sessions.filter(session::Column::UserId.eq(*user)),
+        Scope::These(ids) => sessions.filter(session::Column::Id.is_in(ids.clone())),
+    };
+    let mut sessions = sessions.into_query();
+    sessions.returning(Query::returning().columns([session::Column::Id, session::Column::ExpiresAt]));
+    let tokens = refresh_token::Entity::update_many()
+        .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
+        .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(Option::<Vec<u8>>::None))
+        .filter(refresh_token::Column::RevokedAt.is_null());
+    let tokens = match &scope {
+        Scope::One(id) => tokens.filter(refresh_token::Column::SessionId.eq(*id)),
+        Scope::AllOfUser(user) => tokens.filter(refresh_token::Column::UserId.eq(*user)),
+        Scope::These(ids) => tokens.filter(refresh_token::Column::SessionId.is_in(ids.clone())),
+    };
+    let mut tokens = tokens.into_query();
+    tokens.returning(Query::returning().column(refresh_token::Column::TokenHash));
+
+    let txn = state.db.begin().await?;
+    let ended = decode_ended(&txn.query_all(&sessions).await?)?;
+    let hashes = txn
+        .query_all(&tokens)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String>("", "token_hash"))
+        .collect::<Result<Vec<_>, _>>()?;
+    txn.commit().await?;
+
+    if let Err(e) = tell_store(state, &ended, &hashes, now).await {
+        state.revocations.mark();
+        tracing::warn!(error = %e, sessions = ended.len(), "ended in SQL; the revocation store will be told as soon as it answers");
+        return Err(e.into());
+    }
+    let ids: Vec<Uuid> = ended.iter().map(|(id, _)| *id).collect();
+    clear_pending(&state.db, &ids).await;
+    Ok(ids)
+}
+
+/// Tombstones for the sessions and revoked marks for the tokens, `BATCH` at a time.
+async fn tell_store(
+    state: &AppState,
+    ended: &[(Uuid, DateTime<Utc>)],
+    hashes: &[String],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let endings: Vec<Ending> =
+        ended.iter().map(|(id, exp)| Ending { session_id: *id, ttl: std_until(now, *exp) }).collect();
+    let (mut sessions, mut tokens) = (endings.chunks(BATCH), hashes.chunks(BATCH));
+    loop {
+        match (sessions.next(), tokens.next()) {
+            (None, None) => return Ok(()),
+            (s, t) => state.store.end(s.unwrap_or_default(), t.unwrap_or_default()).await?,
+        }
+    }
+}
+
+/// The store has the revocations: nothing left for the reconciler. A failure here only
+/// means the reconciler writes the same tombstones once more.
+async fn clear_pending(db: &impl ConnectionTrait, ids: &[Uuid]) {
+    for chunk in ids.chunks(BATCH) {
+        let cleared = session::Entity::update_many()
+            .col_expr(session::Column::RevocationPending, Expr::value(false))
+            .filter(session::Column::Id.is_in(chunk.iter().copied()))
+            .exec(db)
+            .await;
+        if let Err(e) = cleared {
+            tracing::warn!(error = %e, "clearing revocation_pending failed; the reconciler will repeat the store write");
+        }
+    }
+}
+
+/// Tells the store of every revocation SQL has and the store may not (`revocation_pending`),
+/// `BATCH` at a time. Returns how many sessions it finished.
+pub async fn reconcile(state: &AppState) -> Result<usize, ApiError> {
+    let _one_at_a_time = state.revocations.reconciling.lock().await;
+    // Cleared before looking, so a failure that lands while we look keeps its mark.
+    state.revocations.dirty.store(false, Ordering::Release);
+    let result = reconcile_batches(state).await;
+    if result.is_err() {
+        state.revocations.mark();
+    }
+    result
+}
+
+async fn reconcile_batches(state: &AppState) -> Result<usize, ApiError> {
+    let now = state.clock.now();
+    let mut total = 0;
+    loop {
+        let ended: Vec<(Uuid, DateTime<Utc>)> = session::Entity::find()
+            .select_only()
+            .column(session::Column::Id)
+            .column(session::Column::ExpiresAt)
+            .filter(session::Column::RevocationPending.eq(true))
+            .limit(BATCH as u64)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        if ended.is_empty() {
+            return Ok(total);
+        }
+        let ids: Vec<Uuid> = ended.iter().map(|(id, _)| *id).collect();
+        let hashes: Vec<String> = refresh_token::Entity::find()
+            .select_only()
+            .column(refresh_token::Column::TokenHash)
+            .filter(refresh_token::Column::SessionId.is_in(ids.clone()))
+            .filter(refresh_token::Column::ExpiresAt.gt(now))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        tell_store(state, &ended, &hashes, now).await?;
+        clear_pending(&state.db, &ids).await;
+        total += ids.len();
+        if ids.len() < BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+/// The reconciler: at start (a process that died between a commit and the store leaves
+/// work behind), every `RECONCILE_EVERY` while this instance has a failed store write, and
+/// every `SWEEP_EVERY` ticks in any case.
+pub fn spawn_reconciler(state: std::sync::Weak<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        for n in 0u32.. {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            if n % SWEEP_EVERY != 0 && !state.revocations.is_dirty() {
+                continue;
+            }
+            match reconcile(&state).await {
+                Ok(0) => failing = false,
+                Ok(n) => {
+                    failing = false;
+                    tracing::info!(sessions = n, "told the revocation store of sessions ended in SQL");
+                }
+                // Once per outage, not once a second.
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e.detail, "reconciling revocations failed; retrying every second");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Ends the user's least recently used sessions beyond `MAX_SESSIONS_PER_USER`; the
+/// newest (the one just created) always stays.
+pub async fn enforce_limit(state: &AppState, user_id: Uuid) -> Result<usize, ApiError> {
+    let now = state.clock.now();
+    let extra: Vec<Uuid> = session::Entity::find()
+        .select_only()
+        .column(session::Column::Id)
         .filter(session::Column::UserId.eq(user_id))
         .filter(session::Column::RevokedAt.is_null())
         .filter(session::Column::ExpiresAt.gt(now))
         .order_by_desc(session::Column::LastUsedAt)
-        .all(db)
-        .await?)
-}
-
-/// Which sessions to end.
-#[derive(Clone, Copy, Debug)]
-pub enum Scope {
-    One(Uuid),
-    AllOfUser(Uuid),
-}
-
-/// Ends the sessions in `scope`; returns their ids. Idempotent.
-pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> {
-    let now = state.clock.now();
-    let txn = state.db.begin().await?;
-    let mut query = session::Entity::find().select_only().column(session::Column::Id);
-    query = match scope {
-        Scope::One(id) => query.filter(session::Column::Id.eq(id)),
-        // Only sessions not yet ended: their store entries are what must go.
-        Scope::AllOfUser(user) => {
-            query.filter(session::Column::UserId.eq(user)).filter(session::Column::RevokedAt.is_null())
-        }
-    };
-    let ids: Vec<Uuid> = query.into_tuple().all(&txn).await?;
-    if ids.is_empty() {
-        txn.commit().await?;
-        return Ok(ids);
-    }
-    session::Entity::update_many()
-        .col_expr(session::Column::RevokedAt, Expr::value(now))
-        .filter(session::Column::Id.is_in(ids.clone()))
-        .filter(session::Column::RevokedAt.is_null())
-        .exec(&txn)
-        .await?;
-    refresh_token::Entity::update_many()
-        .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
-        .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(Option::<Vec<u8>>::None))
-        .filter(refresh_token::Column::SessionId.is_in(ids.clone()))
-        .filter(refresh_token::Column::RevokedAt.is_null())
-        .exec(&txn)
-        .await?;
-    let jtis: Vec<Uuid> = refresh_token::Entity::find()
-        .select_only()
-        .column(refresh_token::Column::Id)
-        .filter(refresh_token::Column::SessionId.is_in(ids.clone()))
-        .filter(refresh_token::Column::RetiredAt.is_null())
+        .order_by_desc(session::Column::Id)
+        .offset(state.config.max_sessions_per_user)
+        .limit(BATCH as u64)
         .into_tuple()
-        .all(&txn)
+        .all(&state.db)
         .await?;
-    txn.commit().await?;
-    state.store.revoke(&ids, &jtis).await?;
-    Ok(ids)
+    if extra.is_empty() {
+        return Ok(0);
+    }
+    Ok(end(state, Scope::These(extra)).await?.len())
 }
 
 /// Ends one of the user's own sessions. Another user's session is "not found", exactly
@@ -115,6 +346,8 @@ pub async fn prune_expired(
         .select_only()
         .column(session::Column::Id)
         .filter(session::Column::ExpiresAt.lt(cutoff).or(session::Column::RevokedAt.lt(cutoff)))
+        // Never a session whose revocation the store has not seen yet.
+        .filter(session::Column::RevocationPending.eq(false))
         .limit(batch)
         .into_tuple()
         .all(db)

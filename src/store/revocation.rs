@@ -1,14 +1,24 @@
-//! The revocation store: which sessions are live right now.
+//! The revocation store: which sessions are live right now, which have ended, and what
+//! state each refresh token is in.
 //!
-//! A session is live while its record is present; logout deletes it, so the next request
-//! carrying any access token of that session fails at once, on every instance. The bearer
-//! check asks one question per request (`session`); with Redis, the questions of
-//! concurrent requests share one `MGET`, sent after each of them was asked. Refresh-token jti
-//! metadata sits beside it with the same TTL. SQL stays the truth: this is a cache of it
-//! that answers fast and forgets on expiry.
+//! A session is live while its record is present. Ending it writes a tombstone that lives
+//! as long as the session could have, and deletes the record; activation (after a login or
+//! a refresh committed in SQL) refuses to write the record of a session that carries a
+//! tombstone, atomically (a Lua script on Redis, one locked step in-process). So a refresh
+//! that read the session from SQL just before a logout committed cannot bring it back: the
+//! store and SQL can only disagree in the direction that refuses.
+//!
+//! Refresh tokens are keyed by their SHA-256 (what SQL stores), with the session's
+//! remaining lifetime as TTL. Their state only moves forward (live → retired → revoked),
+//! so a late write cannot make a spent token look live again. The refresh path and
+//! introspection read it: a revoked token is refused and a live one is rotated without the
+//! two SQL reads that find it; no entry (Redis flushed, restarted) means "ask SQL".
+//!
+//! The bearer check asks one question per request (`session`); with Redis, the questions of
+//! concurrent requests share one `MGET`, sent after each of them was asked.
 //!
 //! Two implementations behind one trait: Redis (shared by every instance) and an
-//! in-process map with the same TTL semantics (single instance only).
+//! in-process map with the same semantics (single instance only).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::AsyncCommands as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use uuid::Uuid;
 
@@ -54,14 +63,103 @@ impl SessionRecord {
     }
 }
 
+/// The facts of a live refresh token, as SQL had them when it was issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub jti: Uuid,
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+    pub issued_at: DateTime<Utc>,
+    /// The session's end.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A refresh token's state in the store. Only moves forward: live → retired → revoked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenState {
+    Live(TokenInfo),
+    /// Rotated: presenting it again is a reuse, judged in SQL (grace window or theft).
+    Retired,
+    /// Its session has ended.
+    Revoked,
+}
+
+impl TokenState {
+    fn encode(&self) -> String {
+        match self {
+            TokenState::Live(i) => format!(
+                "L {} {} {} {} {}",
+                i.jti,
+                i.session_id,
+                i.user_id,
+                nanos(i.issued_at),
+                nanos(i.expires_at)
+            ),
+            TokenState::Retired => "R".to_owned(),
+            TokenState::Revoked => "X".to_owned(),
+        }
+    }
+
+    fn decode(raw: &str) -> Option<Self> {
+        let mut parts = raw.split(' ');
+        match parts.next()? {
+            "R" => Some(TokenState::Retired),
+            "X" => Some(TokenState::Revoked),
+            "L" => {
+                let mut next = || parts.next();
+                let jti = next()?.parse().ok()?;
+                let session_id = next()?.parse().ok()?;
+                let user_id = next()?.parse().ok()?;
+                // Exactly as SQL has them: a successor's expiry is copied from here.
+                let issued_at = DateTime::from_timestamp_nanos(next()?.parse().ok()?);
+                let expires_at = DateTime::from_timestamp_nanos(next()?.parse().ok()?);
+                Some(TokenState::Live(TokenInfo { jti, session_id, user_id, issued_at, expires_at }))
+            }
+            _ => None,
+        }
+    }
+
+    /// The order states move in: a write never moves a token backwards.
+    fn rank(&self) -> u8 {
+        match self {
+            TokenState::Live(_) => 0,
+            TokenState::Retired => 1,
+            TokenState::Revoked => 2,
+        }
+    }
+}
+
+fn nanos(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
 /// Makes a session live with its current refresh token: written after the SQL commit
 /// that created or rotated it. Idempotent: writing it twice changes nothing.
 #[derive(Clone, Debug)]
 pub struct Activation {
     pub session_id: Uuid,
     pub record: SessionRecord,
-    pub refresh_jti: Uuid,
-    pub retired_jti: Option<Uuid>,
+    /// The SHA-256 of the live refresh token, and its facts.
+    pub token_hash: String,
+    pub token: TokenInfo,
+    /// The SHA-256 of the token it replaced, now retired.
+    pub retired_hash: Option<String>,
+    pub ttl: Duration,
+}
+
+/// What an activation found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activated {
+    Live,
+    /// The session had ended (a tombstone): nothing was written.
+    Ended,
+}
+
+/// A session to end, with how long its tombstone must outlive any activation: the time
+/// the session had left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ending {
+    pub session_id: Uuid,
     pub ttl: Duration,
 }
 
@@ -72,9 +170,13 @@ pub trait RevocationStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// The live session, or `None` when it was revoked, expired or never existed.
     async fn session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
-    async fn activate(&self, activation: &Activation) -> Result<(), StoreError>;
-    /// Ends sessions at once, with the given refresh-token jtis. Idempotent.
-    async fn revoke(&self, session_ids: &[Uuid], refresh_jtis: &[Uuid]) -> Result<(), StoreError>;
+    /// Makes the session live, unless it has ended.
+    async fn activate(&self, activation: &Activation) -> Result<Activated, StoreError>;
+    /// Ends sessions at once (tombstone, record gone) and marks refresh tokens revoked.
+    /// Idempotent.
+    async fn end(&self, sessions: &[Ending], token_hashes: &[String]) -> Result<(), StoreError>;
+    /// What the store knows of a refresh token; `None`: ask SQL.
+    async fn refresh_token(&self, token_hash: &str) -> Result<Option<TokenState>, StoreError>;
 }
 
 /// Session lookups per `MGET` at most, and `MGET`s in flight at once: requests that
@@ -82,10 +184,32 @@ pub trait RevocationStore: Send + Sync + 'static {
 const SESSION_BATCH: usize = 64;
 const SESSION_READS_IN_FLIGHT: usize = 2;
 
-/// Redis keys are `{prefix}s:{session_id}` and `{prefix}rt:{jti}`.
+/// Activation, atomically: nothing if the session has a tombstone; token states only move
+/// forward (a late activation cannot make a retired or revoked token live again).
+/// KEYS: session record, tombstone, live token, [retired token].
+/// ARGV: record, TTL in ms, live token state.
+const ACTIVATE: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local cur = redis.call('GET', KEYS[3])
+if not cur or string.sub(cur, 1, 1) == 'L' then
+  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[2])
+end
+if KEYS[4] then
+  local old = redis.call('GET', KEYS[4])
+  if not old or string.sub(old, 1, 1) == 'L' then
+    redis.call('SET', KEYS[4], 'R', 'PX', ARGV[2])
+  end
+end
+return 1
+";
+
+/// Redis keys: `{prefix}s:{<session>}` (the record), `{prefix}e:{<session>}` (the
+/// tombstone: the braces make both one hash slot) and `{prefix}rt:<token hash>`.
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
+    activate: redis::Script,
     /// The bearer check's lookups. One `GET` per request cost a `writev` and a Redis
     /// command each, the largest part of a check's CPU after the HTTP exchange itself.
     sessions: Batcher<Uuid, SessionRecord, StoreError>,
@@ -126,7 +250,7 @@ impl RedisStore {
                 }
             })
         };
-        Ok(Self { conn, prefix: prefix.to_owned(), sessions })
+        Ok(Self { conn, prefix: prefix.to_owned(), activate: redis::Script::new(ACTIVATE), sessions })
     }
 
     /// The shared multiplexed connection, for the rate limiter.
@@ -134,17 +258,17 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    fn session_key(&self, id: Uuid) -> String {
-        session_key(&self.prefix, id)
+    fn tombstone_key(&self, id: Uuid) -> String {
+        format!("{}e:{{{id}}}", self.prefix)
     }
 
-    fn refresh_key(&self, jti: Uuid) -> String {
-        format!("{}rt:{jti}", self.prefix)
+    fn token_key(&self, hash: &str) -> String {
+        format!("{}rt:{hash}", self.prefix)
     }
 }
 
 fn session_key(prefix: &str, id: Uuid) -> String {
-    format!("{prefix}s:{id}")
+    format!("{prefix}s:{{{id}}}")
 }
 
 fn redis_err(e: redis::RedisError) -> StoreError {
@@ -171,56 +295,71 @@ impl RevocationStore for RedisStore {
         self.sessions.get(session_id).await
     }
 
-    async fn activate(&self, a: &Activation) -> Result<(), StoreError> {
+    async fn activate(&self, a: &Activation) -> Result<Activated, StoreError> {
         let mut conn = self.conn.clone();
-        let ms = ttl_ms(a.ttl);
-        let meta = serde_json::json!({
-            "sid": a.session_id,
-            "sub": a.record.user_id,
-            "exp": a.record.expires_at.timestamp(),
-        })
-        .to_string();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(self.session_key(a.session_id))
-            .arg(a.record.encode())
-            .arg("PX")
-            .arg(ms)
-            .ignore()
-            .cmd("SET")
-            .arg(self.refresh_key(a.refresh_jti))
-            .arg(meta)
-            .arg("PX")
-            .arg(ms)
-            .ignore();
-        if let Some(old) = a.retired_jti {
-            pipe.cmd("DEL").arg(self.refresh_key(old)).ignore();
+        let mut call = self.activate.prepare_invoke();
+        call.key(session_key(&self.prefix, a.session_id))
+            .key(self.tombstone_key(a.session_id))
+            .key(self.token_key(&a.token_hash));
+        if let Some(old) = &a.retired_hash {
+            call.key(self.token_key(old));
         }
+        call.arg(a.record.encode()).arg(ttl_ms(a.ttl)).arg(TokenState::Live(a.token).encode());
+        let written: i64 = call.invoke_async(&mut conn).await.map_err(redis_err)?;
+        Ok(if written == 1 { Activated::Live } else { Activated::Ended })
+    }
+
+    async fn end(&self, sessions: &[Ending], token_hashes: &[String]) -> Result<(), StoreError> {
+        if sessions.is_empty() && token_hashes.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for s in sessions {
+            // The tombstone first: from here on no activation can write the record.
+            if !s.ttl.is_zero() {
+                pipe.cmd("SET")
+                    .arg(self.tombstone_key(s.session_id))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl_ms(s.ttl))
+                    .ignore();
+            }
+            pipe.cmd("DEL").arg(session_key(&self.prefix, s.session_id)).ignore();
+        }
+        for hash in token_hashes {
+            // Only entries that exist: a missing one already means "ask SQL".
+            pipe.cmd("SET").arg(self.token_key(hash)).arg("X").arg("XX").arg("KEEPTTL").ignore();
+        }
+        let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
     }
 
-    async fn revoke(&self, session_ids: &[Uuid], refresh_jtis: &[Uuid]) -> Result<(), StoreError> {
-        let keys: Vec<String> = session_ids
-            .iter()
-            .map(|s| self.session_key(*s))
-            .chain(refresh_jtis.iter().map(|j| self.refresh_key(*j)))
-            .collect();
-        if keys.is_empty() {
-            return Ok(());
-        }
+    async fn refresh_token(&self, token_hash: &str) -> Result<Option<TokenState>, StoreError> {
         let mut conn = self.conn.clone();
-        conn.del::<_, ()>(keys).await.map_err(redis_err)
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.token_key(token_hash))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(raw.as_deref().and_then(TokenState::decode))
     }
 }
 
-/// The in-process store: the same semantics in a map, for a single instance. Expired
-/// entries are invisible at once and removed by `sweep`, which the server runs
-/// periodically, so memory follows the number of live sessions.
+/// The in-process store: the same semantics in maps behind one lock, for a single
+/// instance. Expired entries are invisible at once and removed by `sweep`, which the
+/// server runs periodically, so memory follows the number of live and recently ended
+/// sessions.
 #[derive(Default)]
 pub struct MemoryStore {
-    sessions: Mutex<HashMap<Uuid, (SessionRecord, Instant)>>,
-    refresh: Mutex<HashMap<Uuid, Instant>>,
+    inner: Mutex<Maps>,
+}
+
+#[derive(Default)]
+struct Maps {
+    sessions: HashMap<Uuid, (SessionRecord, Instant)>,
+    tombstones: HashMap<Uuid, Instant>,
+    tokens: HashMap<String, (TokenState, Instant)>,
 }
 
 impl MemoryStore {
@@ -230,16 +369,16 @@ impl MemoryStore {
 
     pub fn sweep(&self) {
         let now = Instant::now();
-        if let Ok(mut s) = self.sessions.lock() {
-            s.retain(|_, (_, until)| *until > now);
-        }
-        if let Ok(mut r) = self.refresh.lock() {
-            r.retain(|_, until| *until > now);
+        if let Ok(mut m) = self.inner.lock() {
+            m.sessions.retain(|_, (_, until)| *until > now);
+            m.tombstones.retain(|_, until| *until > now);
+            m.tokens.retain(|_, (_, until)| *until > now);
         }
     }
 
+    /// Live session records held (expired ones until the next sweep).
     pub fn len(&self) -> usize {
-        self.sessions.lock().map_or(0, |s| s.len())
+        self.inner.lock().map_or(0, |m| m.sessions.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -249,6 +388,16 @@ impl MemoryStore {
 
 fn poisoned<T>(_: T) -> StoreError {
     StoreError("in-process store lock poisoned".into())
+}
+
+impl Maps {
+    /// Writes a token state unless the present one is further along.
+    fn advance_token(&mut self, hash: &str, state: TokenState, until: Instant, now: Instant) {
+        let current = self.tokens.get(hash).filter(|(_, u)| *u > now).map(|(s, _)| s.rank());
+        if current.is_none_or(|rank| rank <= state.rank()) {
+            self.tokens.insert(hash.to_owned(), (state, until));
+        }
+    }
 }
 
 #[async_trait]
@@ -262,35 +411,50 @@ impl RevocationStore for MemoryStore {
     }
 
     async fn session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
-        let sessions = self.sessions.lock().map_err(poisoned)?;
-        Ok(sessions
+        let m = self.inner.lock().map_err(poisoned)?;
+        Ok(m.sessions
             .get(&session_id)
             .filter(|(_, until)| *until > Instant::now())
             .map(|(record, _)| record.clone()))
     }
 
-    async fn activate(&self, a: &Activation) -> Result<(), StoreError> {
-        let until = Instant::now() + a.ttl;
-        self.sessions.lock().map_err(poisoned)?.insert(a.session_id, (a.record.clone(), until));
-        let mut refresh = self.refresh.lock().map_err(poisoned)?;
-        refresh.insert(a.refresh_jti, until);
-        if let Some(old) = a.retired_jti {
-            refresh.remove(&old);
+    async fn activate(&self, a: &Activation) -> Result<Activated, StoreError> {
+        let now = Instant::now();
+        let until = now + a.ttl;
+        let mut m = self.inner.lock().map_err(poisoned)?;
+        if m.tombstones.get(&a.session_id).is_some_and(|t| *t > now) {
+            return Ok(Activated::Ended);
+        }
+        m.sessions.insert(a.session_id, (a.record.clone(), until));
+        m.advance_token(&a.token_hash, TokenState::Live(a.token), until, now);
+        if let Some(old) = &a.retired_hash {
+            m.advance_token(old, TokenState::Retired, until, now);
+        }
+        Ok(Activated::Live)
+    }
+
+    async fn end(&self, sessions: &[Ending], token_hashes: &[String]) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut m = self.inner.lock().map_err(poisoned)?;
+        for s in sessions {
+            if !s.ttl.is_zero() {
+                m.tombstones.insert(s.session_id, now + s.ttl);
+            }
+            m.sessions.remove(&s.session_id);
+        }
+        for hash in token_hashes {
+            if let Some((state, until)) = m.tokens.get_mut(hash.as_str())
+                && *until > now
+            {
+                *state = TokenState::Revoked;
+            }
         }
         Ok(())
     }
 
-    async fn revoke(&self, session_ids: &[Uuid], refresh_jtis: &[Uuid]) -> Result<(), StoreError> {
-        let mut sessions = self.sessions.lock().map_err(poisoned)?;
-        for id in session_ids {
-            sessions.remove(id);
-        }
-        drop(sessions);
-        let mut refresh = self.refresh.lock().map_err(poisoned)?;
-        for jti in refresh_jtis {
-            refresh.remove(jti);
-        }
-        Ok(())
+    async fn refresh_token(&self, token_hash: &str) -> Result<Option<TokenState>, StoreError> {
+        let m = self.inner.lock().map_err(poisoned)?;
+        Ok(m.tokens.get(token_hash).filter(|(_, until)| *until > Instant::now()).map(|(s, _)| *s))
     }
 }
 
@@ -298,47 +462,110 @@ impl RevocationStore for MemoryStore {
 mod tests {
     use super::*;
 
+    fn info(session_id: Uuid) -> TokenInfo {
+        TokenInfo {
+            jti: Uuid::now_v7(),
+            session_id,
+            user_id: Uuid::new_v4(),
+            issued_at: DateTime::from_timestamp(1_900_000_000, 123_456_789).expect("ts"),
+            expires_at: DateTime::from_timestamp(2_000_000_000, 987_654_321).expect("ts"),
+        }
+    }
+
     fn activation(ttl: Duration) -> Activation {
+        let session_id = Uuid::new_v4();
+        let token = info(session_id);
         Activation {
-            session_id: Uuid::new_v4(),
-            record: SessionRecord {
-                user_id: Uuid::new_v4(),
-                expires_at: DateTime::from_timestamp(2_000_000_000, 0).expect("ts"),
-            },
-            refresh_jti: Uuid::new_v4(),
-            retired_jti: None,
+            session_id,
+            record: SessionRecord { user_id: token.user_id, expires_at: token.expires_at },
+            token_hash: format!("h-{}", Uuid::new_v4().simple()),
+            token,
+            retired_hash: None,
             ttl,
         }
     }
 
-    #[tokio::test]
-    async fn memory_store_live_revoke_and_ttl() {
-        let store = MemoryStore::new();
+    /// The contract both stores keep: live, ended, tombstone, token states.
+    async fn contract(store: &dyn RevocationStore) {
         let a = activation(Duration::from_secs(60));
-        store.activate(&a).await.expect("activate");
+        assert_eq!(store.activate(&a).await.expect("activate"), Activated::Live);
         assert_eq!(store.session(a.session_id).await.expect("get"), Some(a.record.clone()));
-        store.revoke(&[a.session_id], &[a.refresh_jti]).await.expect("revoke");
-        assert_eq!(store.session(a.session_id).await.expect("get"), None);
+        assert_eq!(store.refresh_token(&a.token_hash).await.expect("token"), Some(TokenState::Live(a.token)));
 
+        // Rotation: the new token live, the old one retired.
+        let mut next = a.clone();
+        next.token_hash = format!("h-{}", Uuid::new_v4().simple());
+        next.token = info(a.session_id);
+        next.retired_hash = Some(a.token_hash.clone());
+        assert_eq!(store.activate(&next).await.expect("activate"), Activated::Live);
+        assert_eq!(store.refresh_token(&a.token_hash).await.expect("token"), Some(TokenState::Retired));
+        // A late activation of the first token cannot make it live again.
+        assert_eq!(store.activate(&a).await.expect("activate"), Activated::Live);
+        assert_eq!(store.refresh_token(&a.token_hash).await.expect("token"), Some(TokenState::Retired));
+
+        let ending = Ending { session_id: a.session_id, ttl: Duration::from_secs(60) };
+        let hashes = [a.token_hash.clone(), next.token_hash.clone(), "h-unknown".to_owned()];
+        store.end(&[ending], &hashes).await.expect("end");
+        assert_eq!(store.session(a.session_id).await.expect("get"), None);
+        assert_eq!(store.refresh_token(&next.token_hash).await.expect("token"), Some(TokenState::Revoked));
+        assert_eq!(store.refresh_token("h-unknown").await.expect("token"), None, "no entry is made up");
+        // The race the tombstone closes: an activation that read SQL before the end.
+        assert_eq!(store.activate(&next).await.expect("activate"), Activated::Ended);
+        assert_eq!(store.session(a.session_id).await.expect("get"), None, "ended stays ended");
+        assert_eq!(store.refresh_token(&next.token_hash).await.expect("token"), Some(TokenState::Revoked));
+        store.end(&[ending], &hashes).await.expect("idempotent");
+    }
+
+    #[tokio::test]
+    async fn memory_store_keeps_the_contract() {
+        contract(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn redis_store_keeps_the_contract() {
+        let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("lkunit:{}:", Uuid::new_v4().simple());
+        let store =
+            RedisStore::new(&url, &prefix, Duration::from_secs(1), Duration::from_secs(2)).expect("store");
+        contract(&store).await;
+        let mut conn = store.connection();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.expect("keys");
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("clean up");
+    }
+
+    #[tokio::test]
+    async fn memory_store_ttl_and_sweep() {
+        let store = MemoryStore::new();
         let short = activation(Duration::from_millis(20));
         store.activate(&short).await.expect("activate");
+        store
+            .end(&[Ending { session_id: Uuid::new_v4(), ttl: Duration::from_millis(20) }], &[])
+            .await
+            .expect("end");
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert_eq!(
             store.session(short.session_id).await.expect("get"),
             None,
             "expired entries are invisible"
         );
+        assert_eq!(store.refresh_token(&short.token_hash).await.expect("token"), None);
         store.sweep();
-        assert!(store.is_empty(), "sweep frees expired entries");
+        let m = store.inner.lock().expect("lock");
+        assert!(m.sessions.is_empty() && m.tombstones.is_empty() && m.tokens.is_empty(), "sweep frees all");
     }
 
     #[test]
-    fn session_record_round_trips() {
+    fn records_and_states_round_trip() {
         let r = SessionRecord {
             user_id: Uuid::new_v4(),
             expires_at: DateTime::from_timestamp(1_900_000_000, 0).expect("ts"),
         };
         assert_eq!(SessionRecord::decode(&r.encode()), Some(r));
         assert_eq!(SessionRecord::decode("garbage"), None);
+        for s in [TokenState::Live(info(Uuid::new_v4())), TokenState::Retired, TokenState::Revoked] {
+            assert_eq!(TokenState::decode(&s.encode()), Some(s));
+        }
+        assert_eq!(TokenState::decode("L 1 2"), None);
     }
 }

@@ -395,7 +395,8 @@ async fn cookie_mode_end_to_end_with_csrf_protection() {
     let resp = app.login("c@example.com", PASSWORD).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
-    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/v1/auth"] {
+    assert!(cookie.starts_with("__Host-latchkey_refresh="), "{cookie}");
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/;"] {
         assert!(cookie.contains(attr), "{cookie}");
     }
     let body: Value = resp.json().await.unwrap();
