@@ -13,6 +13,7 @@ mod openapi;
 mod ops;
 mod outage;
 mod readme;
+mod revocation;
 mod sessions;
 mod tokens;
 mod verifiers;
