@@ -1,7 +1,8 @@
-//! Revocation that nothing can undo (issue 13): a session ended in SQL carries
-//! `revocation_pending` until the revocation store has its tombstone, so a store write that
-//! failed (or a process that died between the commit and the store) is finished by the
-//! reconciler; and the session list pages by (user, last use) with an index.
+//! Revocation that nothing can undo (issue 13): every end of sessions writes a
+//! `revocation_jobs` row in the same transaction; it is deleted once the revocation store
+//! has the tombstones, so a store write that failed (or a process that died between the
+//! commit and the store) is finished by the reconciler. And the session list pages by
+//! (user, last use, id) with an index.
 
 use sea_orm_migration::{prelude::*, schema::*};
 
@@ -12,19 +13,15 @@ pub struct Migration;
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
-            .alter_table(
-                Table::alter()
-                    .table(Sessions::Table)
-                    .add_column(boolean(Sessions::RevocationPending).default(false))
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .create_index(
-                Index::create()
-                    .name("idx_sessions_revocation_pending")
-                    .table(Sessions::Table)
-                    .col(Sessions::RevocationPending)
+            .create_table(
+                Table::create()
+                    .table(RevocationJobs::Table)
+                    .col(pk_uuid(RevocationJobs::Id))
+                    // One of the two: every session of this user ended at or after
+                    // `created_at`, or this one session.
+                    .col(uuid_null(RevocationJobs::UserId))
+                    .col(uuid_null(RevocationJobs::SessionId))
+                    .col(timestamp_with_time_zone(RevocationJobs::CreatedAt))
                     .to_owned(),
             )
             .await?;
@@ -45,17 +42,17 @@ impl MigrationTrait for Migration {
         manager
             .drop_index(Index::drop().name("idx_sessions_user_last_used").table(Sessions::Table).to_owned())
             .await?;
-        manager
-            .drop_index(
-                Index::drop().name("idx_sessions_revocation_pending").table(Sessions::Table).to_owned(),
-            )
-            .await?;
-        manager
-            .alter_table(
-                Table::alter().table(Sessions::Table).drop_column(Sessions::RevocationPending).to_owned(),
-            )
-            .await
+        manager.drop_table(Table::drop().table(RevocationJobs::Table).if_exists().to_owned()).await
     }
+}
+
+#[derive(DeriveIden)]
+enum RevocationJobs {
+    Table,
+    Id,
+    UserId,
+    SessionId,
+    CreatedAt,
 }
 
 #[derive(DeriveIden)]
@@ -64,5 +61,4 @@ enum Sessions {
     UserId,
     Id,
     LastUsedAt,
-    RevocationPending,
 }

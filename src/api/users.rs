@@ -49,8 +49,7 @@ pub struct SessionSummary {
 #[derive(Object)]
 pub struct SessionList {
     pub sessions: Vec<SessionSummary>,
-    /// Pass it as `cursor` for the next page; absent on the last page.
-    #[oai(skip_serializing_if_is_none)]
+    /// Pass it as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
 

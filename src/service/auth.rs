@@ -143,7 +143,6 @@ pub async fn login(
         last_used_at: Set(now),
         expires_at: Set(expires_at),
         revoked_at: Set(None),
-        revocation_pending: Set(false),
     };
     let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
     write_login(&state.db, new_session, first_token, account.id, now).await?;

@@ -1,13 +1,13 @@
 //! Sessions: listing, ending (one, all, or a whole family on theft), reconciling the
 //! revocation store with SQL, and pruning.
 //!
-//! Ending a session is one SQL transaction (the truth): the sessions get `revoked_at` and
-//! `revocation_pending`, their refresh tokens `revoked_at`, by set-based statements that
-//! work for any number of sessions. Then the revocation store gets a tombstone per session
-//! and a revoked mark per token, in bounded batches, and the pending flag is cleared. If the
-//! store write fails (or the process dies first), the flag stays: the reconciler on every
-//! instance finishes the job as soon as the store answers, and this instance's bearer
-//! check does it first before trusting the store again.
+//! Ending sessions is one SQL transaction (the truth): the sessions get `revoked_at`, their
+//! refresh tokens `revoked_at`, by set-based statements that work for any number of
+//! sessions, and a `revocation_jobs` row records what was ended. Then the revocation store
+//! gets a tombstone per session and a revoked mark per token, in bounded batches, and the
+//! job is deleted. If the store write fails (or the process dies first), the job stays: the
+//! instance that saw the failure retries every second and does it before it trusts the
+//! store again, and every instance sweeps the jobs every minute and at start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,14 +18,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
-    ColumnTrait as _, ConnectionTrait, DbErr, EntityTrait as _, QueryFilter as _, QueryOrder as _,
-    QuerySelect as _, QueryTrait as _, TransactionTrait as _,
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, DbErr, EntityTrait as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _, QueryTrait as _, Set, TransactionTrait as _,
 };
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
-use crate::store::entity::{refresh_token, session};
+use crate::store::entity::{refresh_token, revocation_job, session};
 use crate::store::revocation::{Ending, StoreError};
 
 /// How long ended sessions stay in SQL (for the session list's history and audits)
@@ -110,8 +110,11 @@ pub async fn list_live(
 pub enum Scope {
     One(Uuid),
     AllOfUser(Uuid),
-    /// A bounded list (at most `BATCH` ids).
-    These(Vec<Uuid>),
+    /// Some sessions of one user (at most `BATCH` ids).
+    These {
+        user: Uuid,
+        ids: Vec<Uuid>,
+    },
 }
 
 /// Whether this instance failed to tell the store of a revocation that SQL has, and the
@@ -136,55 +139,83 @@ fn std_until(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
     (then - now).to_std().unwrap_or(Duration::ZERO)
 }
 
-fn decode_ended(rows: &[sea_orm::QueryResult]) -> Result<Vec<(Uuid, DateTime<Utc>)>, DbErr> {
-    rows.iter().map(|r| Ok((r.try_get("", "id")?, r.try_get("", "expires_at")?))).collect()
-}
-
 /// Ends the sessions in `scope`; returns the ids of those that were live in SQL.
 /// Idempotent: ending an ended session changes nothing.
 pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> {
     let now = state.clock.now();
     let sessions = session::Entity::update_many()
         .col_expr(session::Column::RevokedAt, Expr::value(now))
-        .col_expr(session::Column::RevocationPending, Expr::value(true))
         .filter(session::Column::RevokedAt.is_null());
-    let sessions = match &scope {
-        Scope::One(id) => sessions.filter(session::Column::Id.eq(*id)),
-        Scope::AllOfUser(user) => sessions.filter(session::Column::UserId.eq(*user)),
-        Scope::These(ids) => sessions.filter(session::Column::Id.is_in(ids.clone())),
-    };
-    let mut sessions = sessions.into_query();
-    sessions.returning(Query::returning().columns([session::Column::Id, session::Column::ExpiresAt]));
     let tokens = refresh_token::Entity::update_many()
         .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
         .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(Option::<Vec<u8>>::None))
         .filter(refresh_token::Column::RevokedAt.is_null());
-    let tokens = match &scope {
-        Scope::One(id) => tokens.filter(refresh_token::Column::SessionId.eq(*id)),
-        Scope::AllOfUser(user) => tokens.filter(refresh_token::Column::UserId.eq(*user)),
-        Scope::These(ids) => tokens.filter(refresh_token::Column::SessionId.is_in(ids.clone())),
+    let (sessions, tokens, job_user, job_session) = match &scope {
+        Scope::One(id) => (
+            sessions.filter(session::Column::Id.eq(*id)),
+            tokens.filter(refresh_token::Column::SessionId.eq(*id)),
+            None,
+            Some(*id),
+        ),
+        Scope::AllOfUser(user) => (
+            sessions.filter(session::Column::UserId.eq(*user)),
+            tokens.filter(refresh_token::Column::UserId.eq(*user)),
+            Some(*user),
+            None,
+        ),
+        Scope::These { user, ids } => (
+            sessions.filter(session::Column::UserId.eq(*user)).filter(session::Column::Id.is_in(ids.clone())),
+            tokens
+                .filter(refresh_token::Column::UserId.eq(*user))
+                .filter(refresh_token::Column::SessionId.is_in(ids.clone())),
+            Some(*user),
+            None,
+        ),
     };
+    let mut sessions = sessions.into_query();
+    sessions.returning(Query::returning().columns([session::Column::Id, session::Column::ExpiresAt]));
     let mut tokens = tokens.into_query();
     tokens.returning(Query::returning().column(refresh_token::Column::TokenHash));
+    let job = Uuid::now_v7();
 
     let txn = state.db.begin().await?;
-    let ended = decode_ended(&txn.query_all(&sessions).await?)?;
+    let ended = txn
+        .query_all(&sessions)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("", "id")?, r.try_get("", "expires_at")?)))
+        .collect::<Result<Vec<(Uuid, DateTime<Utc>)>, DbErr>>()?;
     let hashes = txn
         .query_all(&tokens)
         .await?
         .iter()
         .map(|r| r.try_get::<String>("", "token_hash"))
         .collect::<Result<Vec<_>, _>>()?;
+    if !ended.is_empty() {
+        revocation_job::ActiveModel {
+            id: Set(job),
+            user_id: Set(job_user),
+            session_id: Set(job_session),
+            created_at: Set(now),
+        }
+        .insert(&txn)
+        .await?;
+    }
     txn.commit().await?;
+    if ended.is_empty() {
+        return Ok(Vec::new());
+    }
 
     if let Err(e) = tell_store(state, &ended, &hashes, now).await {
         state.revocations.mark();
         tracing::warn!(error = %e, sessions = ended.len(), "ended in SQL; the revocation store will be told as soon as it answers");
         return Err(e.into());
     }
-    let ids: Vec<Uuid> = ended.iter().map(|(id, _)| *id).collect();
-    clear_pending(&state.db, &ids).await;
-    Ok(ids)
+    // A failure here only means the reconciler writes the same tombstones once more.
+    if let Err(e) = revocation_job::Entity::delete_by_id(job).exec(&state.db).await {
+        tracing::warn!(error = %e, "deleting a finished revocation job failed; the reconciler will repeat it");
+    }
+    Ok(ended.into_iter().map(|(id, _)| id).collect())
 }
 
 /// Tombstones for the sessions and revoked marks for the tokens, `BATCH` at a time.
@@ -205,64 +236,75 @@ async fn tell_store(
     }
 }
 
-/// The store has the revocations: nothing left for the reconciler. A failure here only
-/// means the reconciler writes the same tombstones once more.
-async fn clear_pending(db: &impl ConnectionTrait, ids: &[Uuid]) {
-    for chunk in ids.chunks(BATCH) {
-        let cleared = session::Entity::update_many()
-            .col_expr(session::Column::RevocationPending, Expr::value(false))
-            .filter(session::Column::Id.is_in(chunk.iter().copied()))
-            .exec(db)
-            .await;
-        if let Err(e) = cleared {
-            tracing::warn!(error = %e, "clearing revocation_pending failed; the reconciler will repeat the store write");
-        }
-    }
-}
-
-/// Tells the store of every revocation SQL has and the store may not (`revocation_pending`),
-/// `BATCH` at a time. Returns how many sessions it finished.
+/// Tells the store of every revocation job left in SQL, and deletes the jobs. Returns how
+/// many jobs it finished.
 pub async fn reconcile(state: &AppState) -> Result<usize, ApiError> {
     let _one_at_a_time = state.revocations.reconciling.lock().await;
     // Cleared before looking, so a failure that lands while we look keeps its mark.
     state.revocations.dirty.store(false, Ordering::Release);
-    let result = reconcile_batches(state).await;
+    let result = reconcile_jobs(state).await;
     if result.is_err() {
         state.revocations.mark();
     }
     result
 }
 
-async fn reconcile_batches(state: &AppState) -> Result<usize, ApiError> {
+async fn reconcile_jobs(state: &AppState) -> Result<usize, ApiError> {
     let now = state.clock.now();
-    let mut total = 0;
+    let mut done = 0;
     loop {
-        let ended: Vec<(Uuid, DateTime<Utc>)> = session::Entity::find()
-            .select_only()
-            .column(session::Column::Id)
-            .column(session::Column::ExpiresAt)
-            .filter(session::Column::RevocationPending.eq(true))
-            .limit(BATCH as u64)
-            .into_tuple()
+        let jobs = revocation_job::Entity::find()
+            .order_by_asc(revocation_job::Column::CreatedAt)
+            .limit(100)
             .all(&state.db)
             .await?;
-        if ended.is_empty() {
-            return Ok(total);
+        if jobs.is_empty() {
+            return Ok(done);
         }
-        let ids: Vec<Uuid> = ended.iter().map(|(id, _)| *id).collect();
-        let hashes: Vec<String> = refresh_token::Entity::find()
-            .select_only()
-            .column(refresh_token::Column::TokenHash)
-            .filter(refresh_token::Column::SessionId.is_in(ids.clone()))
-            .filter(refresh_token::Column::ExpiresAt.gt(now))
-            .into_tuple()
-            .all(&state.db)
-            .await?;
-        tell_store(state, &ended, &hashes, now).await?;
-        clear_pending(&state.db, &ids).await;
-        total += ids.len();
-        if ids.len() < BATCH {
-            return Ok(total);
+        for job in jobs {
+            // The job's sessions, `BATCH` at a time in id order. Any session that ended
+            // later is ended too, so taking it along is harmless.
+            let mut after: Option<Uuid> = None;
+            loop {
+                let mut query = session::Entity::find()
+                    .select_only()
+                    .column(session::Column::Id)
+                    .column(session::Column::ExpiresAt)
+                    .filter(session::Column::RevokedAt.is_not_null())
+                    .filter(session::Column::ExpiresAt.gt(now));
+                query = match (job.user_id, job.session_id) {
+                    (Some(user), _) => query
+                        .filter(session::Column::UserId.eq(user))
+                        .filter(session::Column::RevokedAt.gte(job.created_at)),
+                    (None, Some(id)) => query.filter(session::Column::Id.eq(id)),
+                    (None, None) => break,
+                };
+                if let Some(after) = after {
+                    query = query.filter(session::Column::Id.gt(after));
+                }
+                let ended: Vec<(Uuid, DateTime<Utc>)> = query
+                    .order_by_asc(session::Column::Id)
+                    .limit(BATCH as u64)
+                    .into_tuple()
+                    .all(&state.db)
+                    .await?;
+                let Some(&(last, _)) = ended.last() else { break };
+                let hashes: Vec<String> = refresh_token::Entity::find()
+                    .select_only()
+                    .column(refresh_token::Column::TokenHash)
+                    .filter(refresh_token::Column::SessionId.is_in(ended.iter().map(|(id, _)| *id)))
+                    .filter(refresh_token::Column::ExpiresAt.gt(now))
+                    .into_tuple()
+                    .all(&state.db)
+                    .await?;
+                tell_store(state, &ended, &hashes, now).await?;
+                if ended.len() < BATCH {
+                    break;
+                }
+                after = Some(last);
+            }
+            revocation_job::Entity::delete_by_id(job.id).exec(&state.db).await?;
+            done += 1;
         }
     }
 }
@@ -285,7 +327,7 @@ pub fn spawn_reconciler(state: std::sync::Weak<AppState>) {
                 Ok(0) => failing = false,
                 Ok(n) => {
                     failing = false;
-                    tracing::info!(sessions = n, "told the revocation store of sessions ended in SQL");
+                    tracing::info!(jobs = n, "told the revocation store of sessions ended in SQL");
                 }
                 // Once per outage, not once a second.
                 Err(e) if !failing => {
@@ -318,7 +360,7 @@ pub async fn enforce_limit(state: &AppState, user_id: Uuid) -> Result<usize, Api
     if extra.is_empty() {
         return Ok(0);
     }
-    Ok(end(state, Scope::These(extra)).await?.len())
+    Ok(end(state, Scope::These { user: user_id, ids: extra }).await?.len())
 }
 
 /// Ends one of the user's own sessions. Another user's session is "not found", exactly
@@ -346,8 +388,6 @@ pub async fn prune_expired(
         .select_only()
         .column(session::Column::Id)
         .filter(session::Column::ExpiresAt.lt(cutoff).or(session::Column::RevokedAt.lt(cutoff)))
-        // Never a session whose revocation the store has not seen yet.
-        .filter(session::Column::RevocationPending.eq(false))
         .limit(batch)
         .into_tuple()
         .all(db)

@@ -162,10 +162,28 @@ async fn delete_redis_prefix(url: &str, prefix: &str) {
     else {
         return;
     };
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap_or_default();
-    if !keys.is_empty() {
-        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+    // SCAN, not KEYS: KEYS blocks the shared Redis for every other test while it walks
+    // every key (a second with a few hundred thousand tombstones).
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, keys)) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async::<(u64, Vec<String>)>(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
 
@@ -197,6 +215,10 @@ impl TestApp {
     }
 
     pub async fn try_spawn_on(resources: Arc<Resources>, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        // TEST_LOG=warn (any tracing filter) shows the servers' logs, for a failing test.
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let mut map: HashMap<String, String> = HashMap::from([
             ("LISTEN_ADDR".into(), "127.0.0.1:0".into()),
             ("DATABASE_URL".into(), resources.database_url.clone()),
@@ -439,8 +461,10 @@ impl TestApp {
             req = req.header(*k, *v);
         }
         let resp = req.send().await.expect("request");
-        assert_eq!(resp.status(), StatusCode::OK);
-        Tokens::from(resp.json::<Value>().await.expect("json"))
+        let status = resp.status();
+        let body = resp.json::<Value>().await.expect("json");
+        assert_eq!(status, StatusCode::OK, "login: {body}");
+        Tokens::from(body)
     }
 
     /// Registers `email` (if new) and logs in.

@@ -3,6 +3,7 @@
 pub mod audit_log;
 pub mod oauth_client;
 pub mod refresh_token;
+pub mod revocation_job;
 pub mod role;
 pub mod session;
 pub mod signing_key;

@@ -13,8 +13,6 @@ pub struct Model {
     pub last_used_at: DateTimeUtc,
     pub expires_at: DateTimeUtc,
     pub revoked_at: Option<DateTimeUtc>,
-    /// Ended in SQL, and the revocation store not yet told (see `service::sessions`).
-    pub revocation_pending: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
