@@ -150,7 +150,9 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish (bounded by
-    /// `SHUTDOWN_TIMEOUT`), drains the audit queue into SQL and closes the SQL pool.
+    /// `SHUTDOWN_TIMEOUT`), drains the audit queue into SQL and closes the SQL pool. The
+    /// public listener is served by `serve` (hyper directly, for the header timeout); the
+    /// metrics listener by poem's `Server`.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -183,10 +185,12 @@ impl Application {
                 Some(Duration::from_secs(1)),
             ))
         });
-        Server::new_with_acceptor(self.acceptor)
-            .idle_timeout(self.state.config.http_idle_timeout)
-            .run_with_graceful_shutdown(app, stopped(stop_rx), Some(timeout))
-            .await?;
+        let limits = crate::serve::Limits {
+            header_timeout: self.state.config.http_header_timeout,
+            idle_timeout: self.state.config.http_idle_timeout,
+            shutdown_timeout: timeout,
+        };
+        crate::serve::serve(self.acceptor, app, limits, stopped(stop_rx)).await;
         if let Some(server) = metrics_server {
             let _ = server.await;
         }

@@ -234,6 +234,18 @@ impl TestApp {
         })
     }
 
+    /// Tells the server to stop, without waiting (`stop` then waits).
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// `host:port` of the public listener, for raw connections.
+    pub fn host_port(&self) -> &str {
+        self.address.trim_start_matches("http://")
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
