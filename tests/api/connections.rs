@@ -187,3 +187,29 @@ async fn stopping_finishes_requests_in_flight_and_refuses_new_connections() {
         .expect("the idle connection was closed")
         .ok();
 }
+
+/// …and a request that outlasts `SHUTDOWN_TIMEOUT` (a body trickled for longer) does not
+/// hold the stop up: it is cut off when that time is up.
+#[tokio::test]
+async fn stopping_cuts_off_what_is_still_running_after_the_shutdown_timeout() {
+    let env = [("SHUTDOWN_TIMEOUT", "1s"), ("HTTP_BODY_TIMEOUT", "30s")];
+    let mut app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &env).await;
+    let trickle = futures_util::stream::unfold(0u32, |i| async move {
+        (i < 100).then_some(())?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((Ok::<_, std::io::Error>(if i == 0 { "{" } else { " " }), i + 1))
+    });
+    let in_flight = app
+        .client
+        .post(app.url("/v1/auth/login"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(trickle))
+        .send();
+    let in_flight = tokio::spawn(in_flight);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    app.signal_stop();
+    tokio::time::timeout(Duration::from_secs(4), app.stop()).await.expect("stopped within 4 s");
+    assert!(started.elapsed() >= Duration::from_millis(900), "stopped after {:?}", started.elapsed());
+    assert!(in_flight.await.unwrap().is_err(), "the request was cut off");
+}
