@@ -151,6 +151,7 @@ pub struct Config {
     pub password_hash_queue: usize,
     pub max_body_bytes: usize,
     pub http_body_timeout: Duration,
+    pub http_header_timeout: Duration,
     pub http_idle_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub audit_retention: Duration,
@@ -244,6 +245,7 @@ impl Config {
             password_hash_queue: env.parse("PASSWORD_HASH_QUEUE", "64")?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", "65536")?,
             http_body_timeout: env.duration("HTTP_BODY_TIMEOUT", "10s")?,
+            http_header_timeout: env.duration("HTTP_HEADER_TIMEOUT", "10s")?,
             http_idle_timeout: env.duration("HTTP_IDLE_TIMEOUT", "60s")?,
             metrics_addr: match env.string("METRICS_ADDR", "127.0.0.1:9100").as_str() {
                 "off" => None,
@@ -294,6 +296,7 @@ impl Config {
             ("DATABASE_ACQUIRE_TIMEOUT", self.database_acquire_timeout),
             ("REDIS_CONNECT_TIMEOUT", self.redis_connect_timeout),
             ("REDIS_RESPONSE_TIMEOUT", self.redis_response_timeout),
+            ("HTTP_HEADER_TIMEOUT", self.http_header_timeout),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -466,6 +469,7 @@ mod tests {
         assert_eq!(c.rate_limit_login_per_ip, Rate { capacity: 30, period: Duration::from_secs(60) });
         assert!(c.redis_url.is_none());
         assert!(c.uses_sqlite());
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -480,6 +484,8 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("JWT_ISSUER", "not a url"),
             ("LOG_FORMAT", "xml"),
+            ("HTTP_HEADER_TIMEOUT", "0s"),
+            ("HTTP_HEADER_TIMEOUT", "soon"),
         ] {
             let err = config(&[(var, value)]).expect_err(var);
             assert_eq!(err.variable, var, "{err}");

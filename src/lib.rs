@@ -15,6 +15,7 @@ pub mod keys;
 pub mod metrics;
 pub mod password;
 pub mod rate_limit;
+pub mod serve;
 pub mod service;
 pub mod startup;
 pub mod state;

@@ -162,7 +162,9 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish (bounded by
-    /// `SHUTDOWN_TIMEOUT`), drains the audit queue into SQL and closes the SQL pool.
+    /// `SHUTDOWN_TIMEOUT`), drains the audit queue into SQL and closes the SQL pool. The
+    /// public listener is served by `serve` (hyper directly, for the header timeout); the
+    /// metrics listener by poem's `Server`.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -195,10 +197,12 @@ impl Application {
                 Some(Duration::from_secs(1)),
             ))
         });
-        Server::new_with_acceptor(self.acceptor)
-            .idle_timeout(self.state.config.http_idle_timeout)
-            .run_with_graceful_shutdown(app, stopped(stop_rx), Some(timeout))
-            .await?;
+        let limits = crate::serve::Limits {
+            header_timeout: self.state.config.http_header_timeout,
+            idle_timeout: self.state.config.http_idle_timeout,
+            shutdown_timeout: timeout,
+        };
+        crate::serve::serve(self.acceptor, app, limits, stopped(stop_rx)).await;
         if let Some(server) = metrics_server {
             let _ = server.await;
         }
@@ -310,7 +314,9 @@ fn cors(origins: &[String], credentials: bool) -> Cors {
 
 /// Reads the whole body up front (bodies here are small JSON): over `max` is 413, and a
 /// client that does not finish sending within `timeout` gets 408 instead of holding the
-/// connection.
+/// connection. Every body goes through both, whatever the headers say: an HTTP/2 request
+/// needs neither Content-Length nor Transfer-Encoding to carry one. Only a body known to
+/// be empty (no bytes may follow) skips the read and its timer.
 async fn limit_body<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
@@ -324,13 +330,12 @@ async fn limit_body<E: Endpoint>(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let has_body = match declared {
-        Some(len) if len > max as u64 => return Err(too_large()),
-        Some(len) => len > 0,
-        None => req.headers().contains_key(header::TRANSFER_ENCODING),
-    };
-    if has_body {
-        let body = match tokio::time::timeout(timeout, req.take_body().into_bytes_limit(max)).await {
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(too_large());
+    }
+    let body = req.take_body();
+    if !body.is_empty() {
+        let body = match tokio::time::timeout(timeout, body.into_bytes_limit(max)).await {
             Ok(Ok(body)) => body,
             Ok(Err(poem::error::ReadBodyError::PayloadTooLarge)) => return Err(too_large()),
             Ok(Err(_)) => return Err(ApiError::validation("The request body could not be read.").into()),

@@ -1,9 +1,13 @@
 //! Bad input gets a clear 4xx with a stable code: never a 500, never a panic.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem};
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, alone, assert_problem, rss_kib};
 
 #[tokio::test]
 async fn malformed_bodies_are_validation_failed() {
@@ -116,6 +120,76 @@ async fn oversized_bodies_are_413_whether_declared_or_streamed() {
         .await
         .unwrap();
     assert_problem(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+}
+
+/// An HTTP/2 client that sends neither Content-Length nor Transfer-Encoding (HTTP/2 has
+/// no chunked encoding) and streams 64 MiB at a login. The server must stop at
+/// `MAX_BODY_BYTES`, not read it all into memory first.
+#[tokio::test]
+async fn an_http2_body_streamed_without_a_length_is_cut_at_the_limit() {
+    // The check reads this process's memory: other tests beside it would blur it.
+    if !alone("bad_input::an_http2_body_streamed_without_a_length_is_cut_at_the_limit") {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
+    let client = h2_client();
+    let warm = client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!((warm.version(), warm.status()), (reqwest::Version::HTTP_2, StatusCode::OK));
+
+    let before = rss_kib();
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampler = tokio::spawn({
+        let peak = Arc::clone(&peak);
+        async move {
+            loop {
+                peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    const CHUNK: usize = 64 * 1024;
+    let chunks = (0..1024)
+        .map(|i| Ok::<_, std::io::Error>(if i == 0 { br#"{"email":""#.to_vec() } else { vec![b'a'; CHUNK] }));
+    let resp = client
+        .post(app.url("/v1/auth/login"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    sampler.abort();
+    peak.fetch_max(rss_kib(), Ordering::Relaxed);
+    let grown = peak.load(Ordering::Relaxed).saturating_sub(before);
+    assert!(grown < 8 * 1024, "the server's memory grew by {grown} KiB while 64 MiB were streamed at it");
+    assert_problem(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+}
+
+/// The same client sending a few bytes now and then: `HTTP_BODY_TIMEOUT` bounds it too.
+#[tokio::test]
+async fn an_http2_body_trickled_without_a_length_gets_408() {
+    let app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &[("HTTP_BODY_TIMEOUT", "1s")]).await;
+    let trickle = futures_util::stream::unfold(0u32, |i| async move {
+        (i < 40).then_some(())?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let chunk = if i == 0 { br#"{"email":""#.to_vec() } else { b"a".to_vec() };
+        Some((Ok::<_, std::io::Error>(chunk), i + 1))
+    });
+    let started = std::time::Instant::now();
+    let resp = h2_client()
+        .post(app.url("/v1/auth/login"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(trickle))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_problem(resp, StatusCode::REQUEST_TIMEOUT, "request_timeout").await;
+    assert!(started.elapsed() < Duration::from_secs(4), "answered after {:?}", started.elapsed());
+}
+
+/// HTTP/2 without the upgrade dance (h2c prior knowledge), as gRPC-style clients speak it.
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(30)).build().unwrap()
 }
 
 fn futures_stream(

@@ -256,6 +256,18 @@ impl TestApp {
         })
     }
 
+    /// Tells the server to stop, without waiting (`stop` then waits).
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// `host:port` of the public listener, for raw connections.
+    pub fn host_port(&self) -> &str {
+        self.address.trim_start_matches("http://")
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -540,4 +552,34 @@ impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs the test named `name` (its path in this binary, e.g. `bad_input::x`) again in a
+/// process of its own and checks that it passed there; returns true in that process,
+/// where the test does its work. For measurements of the whole process (its memory),
+/// which the other tests running beside it in this one would blur.
+pub fn alone(name: &str) -> bool {
+    const MARK: &str = "LATCHKEY_TEST_ALONE";
+    if std::env::var_os(MARK).is_some() {
+        return true;
+    }
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(MARK, "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the test alone");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("1 passed"), "{name} alone:\n{stdout}\n{stderr}");
+    false
+}
+
+/// This process's resident memory, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
