@@ -25,13 +25,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, EntityTrait as _, IntoActiveModel as _,
-    QueryFilter as _, QueryOrder as _,
+    QueryFilter as _, QueryOrder as _, Set,
 };
 use secrecy::{ExposeSecret as _, SecretBox, SecretString};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{ApiError, ErrorCode};
-use crate::store::entity::signing_key;
+use crate::store::entity::{server_secret, signing_key};
 use crate::token::AccessClaims;
 
 /// Clock skew tolerated on `exp`.
@@ -599,6 +599,90 @@ impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyCache").field("ring", &self.current()).finish_non_exhaustive()
     }
+}
+
+/// The server secret that signs device tokens.
+pub const DEVICE_SECRET: &str = "device_token";
+
+fn secret_aad(name: &str) -> Vec<u8> {
+    format!("server_secret\n{name}").into_bytes()
+}
+
+/// Start-up work under the start-up lock: the secret `name` exists (32 random bytes), sealed
+/// under the current KEK when one is set.
+pub async fn prepare_secret(
+    db: &impl ConnectionTrait,
+    name: &str,
+    now: DateTime<Utc>,
+    settings: &KeySettings,
+) -> Result<(), KeyError> {
+    let row = server_secret::Entity::find_by_id(name.to_owned()).one(db).await?;
+    let plain = match &row {
+        Some(row) => open_secret(row, settings)?,
+        None => {
+            let mut fresh = vec![0u8; 32];
+            getrandom::fill(&mut fresh).map_err(|e| KeyError::Generate(e.to_string()))?;
+            fresh
+        }
+    };
+    let (secret, encryption) = match &settings.kek {
+        Some(kek) => (seal(kek, &secret_aad(name), &plain)?, Some(SEALED_WITH.to_owned())),
+        None => (plain, None),
+    };
+    match row {
+        None => {
+            server_secret::ActiveModel {
+                name: Set(name.to_owned()),
+                secret: Set(secret),
+                secret_encryption: Set(encryption),
+                created_at: Set(now),
+            }
+            .insert(db)
+            .await?;
+        }
+        // Re-sealed only when its sealing changes (a KEK turned on or rotated).
+        Some(row)
+            if row.secret_encryption.is_none() != settings.kek.is_none() || settings.old_kek.is_some() =>
+        {
+            server_secret::Entity::update_many()
+                .col_expr(server_secret::Column::Secret, Expr::value(secret))
+                .col_expr(server_secret::Column::SecretEncryption, Expr::value(encryption))
+                .filter(server_secret::Column::Name.eq(name))
+                .exec(db)
+                .await?;
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+fn open_secret(row: &server_secret::Model, settings: &KeySettings) -> Result<Vec<u8>, KeyError> {
+    if row.secret_encryption.is_none() {
+        return Ok(row.secret.clone());
+    }
+    [settings.kek.as_ref(), settings.old_kek.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|kek| unseal(kek, &secret_aad(&row.name), &row.secret))
+        .ok_or_else(|| {
+            invalid(&row.name, "the server secret is sealed and KEY_ENCRYPTION_KEY does not open it")
+        })
+}
+
+/// The secret `name`, opened (it exists once `prepare_secret` has run).
+pub async fn server_secret(
+    db: &impl ConnectionTrait,
+    name: &str,
+    settings: &KeySettings,
+) -> Result<SecretBox<[u8; 32]>, KeyError> {
+    let row = server_secret::Entity::find_by_id(name.to_owned())
+        .one(db)
+        .await?
+        .ok_or_else(|| invalid(name, "the server secret is missing"))?;
+    let bytes: [u8; 32] = open_secret(&row, settings)?
+        .try_into()
+        .map_err(|_| invalid(name, "the server secret is not 32 bytes"))?;
+    Ok(SecretBox::new(Box::new(bytes)))
 }
 
 /// Decodes `KEY_ENCRYPTION_KEY`: 32 bytes, base64 (standard or URL-safe).

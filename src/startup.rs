@@ -86,6 +86,9 @@ impl Application {
             );
         }
         let ring = KeyRing::load(&db, clock.now(), &key_settings).await.context("loading signing keys")?;
+        let device_secret = crate::keys::server_secret(&db, crate::keys::DEVICE_SECRET, &key_settings)
+            .await
+            .context("loading the device-token secret")?;
         let keys = KeyCache::new(ring, key_settings);
 
         let (store, limits): (Arc<dyn RevocationStore>, Arc<dyn LimitStore>) = match &config.redis_url {
@@ -140,6 +143,7 @@ impl Application {
             metrics,
             profiles,
             revocations: sessions::Pending::default(),
+            devices: crate::service::devices::DeviceKey::new(&device_secret),
         });
         sessions::spawn_pruner(Arc::downgrade(&state));
         sessions::spawn_reconciler(Arc::downgrade(&state));
@@ -292,6 +296,7 @@ pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
                 .with_handler(|_| ApiError::internal("a request handler panicked").into_response()),
         )
         .around(request_id)
+        .after(second_set_cookie)
         .with(Tracing)
         .with_if(!cors_origins.is_empty(), cors(&cors_origins, cookie_mode))
         .boxed()
@@ -369,6 +374,17 @@ async fn observe<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response
         state.metrics.http(route, &method, status.as_u16(), started.elapsed());
     }
     result
+}
+
+/// A response that sets two cookies (login in cookie mode: refresh and device) names the
+/// second under `api::auth::SECOND_SET_COOKIE`, since an OpenAPI response writes each header
+/// once; here it becomes a second `Set-Cookie`.
+async fn second_set_cookie(resp: poem::Result<Response>) -> poem::Result<Response> {
+    let mut resp = resp?;
+    if let Some(cookie) = resp.headers_mut().remove(crate::api::auth::SECOND_SET_COOKIE) {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    Ok(resp)
 }
 
 /// Every response carries an `X-Request-Id` (the caller's, when it sent a sane one);

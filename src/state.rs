@@ -30,4 +30,6 @@ pub struct AppState {
     pub profiles: Batcher<Uuid, Profile>,
     /// Revocations SQL has and this instance could not yet write to the store.
     pub revocations: crate::service::sessions::Pending,
+    /// Signs device tokens (see `service::devices`).
+    pub devices: crate::service::devices::DeviceKey,
 }

@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_initial;
 mod m20261124_000002_oauth_clients;
 mod m20261201_000003_revocation;
+mod m20261201_000004_server_secrets;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_oauth_clients::Migration),
             Box::new(m20261201_000003_revocation::Migration),
+            Box::new(m20261201_000004_server_secrets::Migration),
         ]
     }
 }

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
 use crate::service::auth::{self, Tokens};
+use crate::service::devices::DEVICE_TOKEN_TTL;
 use crate::state::AppState;
 
 /// Credentials. Unknown fields are refused.
@@ -87,6 +88,20 @@ mod secret_field_impls {
     }
 }
 
+/// A login. Unknown fields are refused.
+#[derive(Object)]
+#[oai(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Trimmed and lower-cased before use.
+    #[oai(validator(max_length = 254))]
+    pub email: String,
+    pub password: SecretField,
+    /// The `device_token` of an earlier login of this account from this device. With it, the
+    /// login is judged only by this device's own failed attempts, so other people's failures
+    /// cannot lock you out. In cookie mode the `__Host-latchkey_device` cookie carries it.
+    pub device_token: Option<SecretField>,
+}
+
 /// A new account.
 #[derive(Object)]
 pub struct RegisteredUser {
@@ -127,6 +142,11 @@ pub struct TokenResponseBody {
     /// Seconds until the session (and so every refresh token of it) ends.
     pub refresh_expires_in: u64,
     pub session_id: Uuid,
+    /// Login only: keep it and send it with this account's next logins from this device
+    /// (opaque, valid for a year). Absent in cookie mode, where it travels as the
+    /// `__Host-latchkey_device` cookie.
+    #[oai(skip_serializing_if_is_none)]
+    pub device_token: Option<String>,
 }
 
 /// The current session, as the token and the revocation store see it.
@@ -157,6 +177,9 @@ pub enum TokenResponse {
         /// Cookie mode only: the refresh token.
         #[oai(header = "Set-Cookie")]
         Option<String>,
+        /// Cookie mode, login only: the device cookie, sent as a second `Set-Cookie`.
+        #[oai(header = "X-Latchkey-Set-Cookie")]
+        Option<String>,
     ),
 }
 
@@ -165,6 +188,10 @@ pub enum TokenResponse {
 pub fn cookie_response(config: &Config, t: Tokens, cookie_allowed: bool) -> TokenResponse {
     let in_cookie = config.refresh_token_cookie && cookie_allowed;
     let cookie = in_cookie.then(|| refresh_cookie(&t.refresh_token, t.refresh_expires_in));
+    let device_cookie = match (&t.device_token, in_cookie) {
+        (Some(device), true) => Some(host_cookie(DEVICE_COOKIE, device, DEVICE_TOKEN_TTL.as_secs())),
+        _ => None,
+    };
     TokenResponse::Ok(
         Json(TokenResponseBody {
             access_token: t.access_token,
@@ -173,21 +200,33 @@ pub fn cookie_response(config: &Config, t: Tokens, cookie_allowed: bool) -> Toke
             refresh_token: (!in_cookie).then_some(t.refresh_token),
             refresh_expires_in: t.refresh_expires_in,
             session_id: t.session_id,
+            device_token: if in_cookie { None } else { t.device_token },
         }),
         "no-store".into(),
         "no-cache".into(),
         cookie,
+        device_cookie,
     )
 }
 
 fn refresh_cookie(value: &str, max_age: u64) -> String {
-    format!("{REFRESH_COOKIE}={value}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={max_age}")
+    host_cookie(REFRESH_COOKIE, value, max_age)
 }
 
-/// The refresh token from the cookie, if the request has one. Two cookies of that name
-/// mean one was planted (a browser sends every matching cookie, in an order the server
-/// cannot trust): refused rather than guessed.
-fn cookie_token(req: &Request) -> Result<Option<String>, ApiError> {
+fn host_cookie(name: &str, value: &str, max_age: u64) -> String {
+    format!("{name}={value}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={max_age}")
+}
+
+/// The device token's cookie in cookie mode.
+pub const DEVICE_COOKIE: &str = "__Host-latchkey_device";
+/// poem-openapi writes each response header once; a second `Set-Cookie` goes out under this
+/// name and `startup::second_set_cookie` turns it into one.
+pub const SECOND_SET_COOKIE: &str = "x-latchkey-set-cookie";
+
+/// The value of the cookie `name`, if the request has one. Two cookies of that name mean
+/// one was planted (a browser sends every matching cookie, in an order the server cannot
+/// trust): refused rather than guessed.
+fn cookie_token(req: &Request, name: &str) -> Result<Option<String>, ApiError> {
     let mut found = req
         .headers()
         .get_all(poem::http::header::COOKIE)
@@ -195,13 +234,11 @@ fn cookie_token(req: &Request) -> Result<Option<String>, ApiError> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(name, _)| *name == REFRESH_COOKIE)
+        .filter(|(cookie, _)| *cookie == name)
         .map(|(_, value)| value.to_owned());
     let first = found.next();
     if found.next().is_some() {
-        return Err(ApiError::validation(format!(
-            "The request carries more than one {REFRESH_COOKIE} cookie."
-        )));
+        return Err(ApiError::validation(format!("The request carries more than one {name} cookie.")));
     }
     Ok(first)
 }
@@ -256,11 +293,16 @@ impl AuthApi {
         &self,
         state: Data<&Arc<AppState>>,
         req: &Request,
-        body: Json<Credentials>,
+        body: Json<LoginRequest>,
     ) -> Result<TokenResponse, ApiError> {
         let client = client_info(req, &state.config.trusted_proxies);
         let password = Password::candidate(body.0.password.0)?;
-        let tokens = auth::login(&state, &body.0.email, password, &client).await?;
+        let device = match body.0.device_token {
+            Some(token) => Some(token.0),
+            None if state.config.refresh_token_cookie => cookie_token(req, DEVICE_COOKIE)?,
+            None => None,
+        };
+        let tokens = auth::login(&state, &body.0.email, password, device.as_deref(), &client).await?;
         Ok(cookie_response(&state.config, tokens, true))
     }
 
@@ -279,8 +321,8 @@ impl AuthApi {
         let presented = match (body.0.refresh_token, state.config.refresh_token_cookie) {
             (Some(token), _) => token.0,
             (None, true) => {
-                let token =
-                    cookie_token(req)?.ok_or_else(|| ApiError::invalid_token("No refresh token cookie."))?;
+                let token = cookie_token(req, REFRESH_COOKIE)?
+                    .ok_or_else(|| ApiError::invalid_token("No refresh token cookie."))?;
                 if req.headers().get(CSRF_HEADER).is_none_or(|v| v.is_empty()) {
                     return Err(ApiError::new(
                         ErrorCode::Forbidden,

@@ -219,7 +219,7 @@ impl OAuthApi {
         let client = client_info(req, &state.config.trusted_proxies);
         match auth::refresh(&state, &refresh, &client).await {
             Ok(tokens) => match cookie_response(&state.config, tokens, false) {
-                TokenResponse::Ok(body, cache, pragma, _) => Ok(OAuthTokenResponse::Ok(body, cache, pragma)),
+                TokenResponse::Ok(body, cache, pragma, ..) => Ok(OAuthTokenResponse::Ok(body, cache, pragma)),
             },
             Err(e) if matches!(e.code, ErrorCode::InvalidToken | ErrorCode::RefreshTokenReused) => {
                 Ok(oauth_error("invalid_grant", &e.detail))

@@ -31,6 +31,8 @@ pub struct Tokens {
     pub refresh_token: String,
     pub refresh_expires_in: u64,
     pub session_id: Uuid,
+    /// Login only: names this device for this account (see `devices`).
+    pub device_token: Option<String>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -41,6 +43,7 @@ impl std::fmt::Debug for Tokens {
             .field("refresh_token", &"***")
             .field("refresh_expires_in", &self.refresh_expires_in)
             .field("session_id", &self.session_id)
+            .field("device_token", &self.device_token.as_ref().map(|_| "***"))
             .finish()
     }
 }
@@ -88,22 +91,32 @@ pub fn invalid_credentials() -> ApiError {
 }
 
 /// Logs in. Limits are charged first, before any hashing: the client's address, then the
-/// account (normalised email, whether or not it exists), then the account's cool-down.
+/// account (normalised email, whether or not it exists) or the presented device, then the
+/// cool-down of that device or of this (account, network) pair.
 pub async fn login(
     state: &AppState,
     raw_email: &str,
     password: Password,
+    device_token: Option<&str>,
     client: &ClientInfo,
 ) -> Result<Tokens, ApiError> {
+    let now = state.clock.now();
     // The same normalisation as `Email::parse`, so a malformed address still has a budget.
     let account_key = raw_email.trim().to_lowercase();
-    let failures_to_forget = limit::admit_login(state, &account_key, client).await?;
+    let device = device_token.and_then(|t| state.devices.verify(&account_key, t, now));
+    let judge = limit::admit_login(state, &account_key, device, client).await?;
 
-    let now = state.clock.now();
-    let account_key = account_key.as_str();
-    let fail = |user_id: Option<Uuid>| async move {
+    let failures_key = judge.failures_key.as_str();
+    // `counted`: whether the failure counts towards a cool-down (not for an address that
+    // cannot be an account: a stranger's garbage creates no records).
+    let fail = |user_id: Option<Uuid>, counted: bool| async move {
         state.metrics.login("invalid_credentials");
-        state.limits.record_failure(account_key, state.config.login_cooldown, now.timestamp_millis()).await?;
+        if counted {
+            state
+                .limits
+                .record_failure(failures_key, state.config.login_cooldown, now.timestamp_millis())
+                .await?;
+        }
         let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
         if let Some(id) = user_id {
             event = event.user(id);
@@ -112,16 +125,16 @@ pub async fn login(
         Err::<Tokens, ApiError>(invalid_credentials())
     };
     // A malformed email cannot belong to an account: answered like a wrong password.
-    let Ok(email) = Email::parse(raw_email) else { return fail(None).await };
+    let Ok(email) = Email::parse(raw_email) else { return fail(None, false).await };
     let found = users::profile_by_email(&state.db, &email).await?;
     // Unknown emails verify against the dummy hash: the same work, the same answer.
     let ok = state.hasher.verify(password, found.as_ref().map(|(u, _)| u.password_hash.as_str())).await?;
     let (account, roles) = match found {
         Some(profile) if ok => profile,
-        other => return fail(other.map(|(a, _)| a.id)).await,
+        other => return fail(other.map(|(a, _)| a.id), true).await,
     };
-    if failures_to_forget {
-        state.limits.clear_failures(account_key).await?;
+    if judge.failures {
+        state.limits.clear_failures(failures_key).await?;
     }
     state.metrics.login("success");
 
@@ -154,7 +167,9 @@ pub async fn login(
     );
 
     let info = TokenInfo { jti, session_id, user_id: account.id, issued_at: now, expires_at };
-    let tokens = issue(state, info, roles, refresh, None, now).await?;
+    let mut tokens = issue(state, info, roles, refresh, None, now).await?;
+    // The same device keeps its id; a new one gets one.
+    tokens.device_token = Some(state.devices.issue(&account_key, device.unwrap_or_else(Uuid::new_v4), now));
     // Beyond MAX_SESSIONS_PER_USER, the least recently used sessions end. Committed in SQL
     // with their revocation pending, so a store failure here is finished by the reconciler.
     match sessions::enforce_limit(state, account.id).await {
@@ -298,6 +313,7 @@ async fn issue(
         refresh_token,
         refresh_expires_in: seconds_until(now, token.expires_at),
         session_id: token.session_id,
+        device_token: None,
     })
 }
 
@@ -593,9 +609,12 @@ mod tests {
             refresh_token: "qzZbRefreshSecretValue".into(),
             refresh_expires_in: 60,
             session_id: Uuid::nil(),
+            device_token: Some("qzZbDeviceSecretValue".into()),
         };
         let printed = format!("{tokens:?} {:?}", Reuse::SameSuccessor("qzZbSuccessorSecret".into()));
-        for secret in ["secret-claims", "qzZbRefreshSecretValue", "qzZbSuccessorSecret"] {
+        for secret in
+            ["secret-claims", "qzZbRefreshSecretValue", "qzZbSuccessorSecret", "qzZbDeviceSecretValue"]
+        {
             assert!(!printed.contains(secret), "{printed}");
         }
         assert!(printed.contains("expires_in: 900"), "the rest still prints: {printed}");

@@ -67,21 +67,39 @@ pub async fn charge(
     }
 }
 
-/// Charges a login attempt to its address's and its account's budgets and checks the
-/// account's cool-down, in one call to the store. Answers whether the account has failed
-/// attempts that a successful login must forget.
-pub async fn admit_login(state: &AppState, account: &str, client: &ClientInfo) -> Result<bool, ApiError> {
+/// Whose failures a login attempt is judged by, and counts towards.
+pub struct LoginJudge {
+    /// The key of the failure record and cool-down.
+    pub failures_key: String,
+    /// That record has failures a successful login must forget.
+    pub failures: bool,
+}
+
+/// Charges a login attempt and checks its cool-down, in one call to the store. From a
+/// device with a valid device token for this account, it is judged only by that device's
+/// own budget and failures, so no stranger can lock it out; from anywhere else, by the
+/// account's budget and the failures of this (account, client network) pair. The
+/// address's budget applies to both.
+pub async fn admit_login(
+    state: &AppState,
+    account: &str,
+    device: Option<uuid::Uuid>,
+    client: &ClientInfo,
+) -> Result<LoginJudge, ApiError> {
     let ip_bucket = bucket(Limit::LoginPerIp, &ip_key(client));
-    let account_bucket = bucket(Limit::LoginPerAccount, account);
+    let (account_bucket, failures_key) = match device {
+        Some(device) => (bucket(Limit::LoginPerAccount, &format!("dev:{device}")), format!("dev:{device}")),
+        None => (bucket(Limit::LoginPerAccount, account), format!("{account}|{}", ip_key(client))),
+    };
     let budgets = LoginBudgets {
         ip_bucket: &ip_bucket,
         ip_rate: state.config.rate_limit_login_per_ip,
         account_bucket: &account_bucket,
         account_rate: state.config.rate_limit_login_per_account,
-        account,
+        account: &failures_key,
     };
     match state.limits.admit_login(&budgets, state.clock.now().timestamp_millis()).await? {
-        Admission::Admitted { failures } => Ok(failures),
+        Admission::Admitted { failures } => Ok(LoginJudge { failures_key, failures }),
         Admission::Refused { by, retry_after_ms } => {
             let limit = match by {
                 Refusal::IpBudget => Limit::LoginPerIp,

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod clients;
+pub mod devices;
 pub mod limit;
 pub mod sessions;
 pub mod users;

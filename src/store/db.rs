@@ -122,7 +122,9 @@ pub async fn migrate_and_prepare(
 ) -> anyhow::Result<()> {
     with_startup_lock(config, db, async |conn| {
         Migrator::up(conn, None).await?;
-        crate::keys::prepare(conn, now, &config.key_settings()).await?;
+        let settings = config.key_settings();
+        crate::keys::prepare(conn, now, &settings).await?;
+        crate::keys::prepare_secret(conn, crate::keys::DEVICE_SECRET, now, &settings).await?;
         Ok(())
     })
     .await

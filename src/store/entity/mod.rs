@@ -5,6 +5,7 @@ pub mod oauth_client;
 pub mod refresh_token;
 pub mod revocation_job;
 pub mod role;
+pub mod server_secret;
 pub mod session;
 pub mod signing_key;
 pub mod user;

@@ -1,0 +1,37 @@
+//! Secrets every instance shares and no one configures: the key that signs device tokens
+//! (issue 14). Sealed under KEY_ENCRYPTION_KEY like the signing keys.
+
+use sea_orm_migration::{prelude::*, schema::*};
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(ServerSecrets::Table)
+                    .col(string(ServerSecrets::Name).primary_key())
+                    .col(binary(ServerSecrets::Secret))
+                    .col(string_null(ServerSecrets::SecretEncryption))
+                    .col(timestamp_with_time_zone(ServerSecrets::CreatedAt))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.drop_table(Table::drop().table(ServerSecrets::Table).if_exists().to_owned()).await
+    }
+}
+
+#[derive(DeriveIden)]
+enum ServerSecrets {
+    Table,
+    Name,
+    Secret,
+    SecretEncryption,
+    CreatedAt,
+}
