@@ -477,7 +477,11 @@ mod tests {
         let token = info(session_id);
         Activation {
             session_id,
-            record: SessionRecord { user_id: token.user_id, expires_at: token.expires_at },
+            // The record keeps whole seconds (what `/v1/auth/session` shows).
+            record: SessionRecord {
+                user_id: token.user_id,
+                expires_at: DateTime::from_timestamp(token.expires_at.timestamp(), 0).expect("ts"),
+            },
             token_hash: format!("h-{}", Uuid::new_v4().simple()),
             token,
             retired_hash: None,
