@@ -3,46 +3,92 @@
 use std::fmt;
 
 use secrecy::{ExposeSecret, SecretString};
+use unicode_normalization::UnicodeNormalization as _;
+use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory as _};
 
 use crate::error::ApiError;
 
-/// A normalised (trimmed, lower-cased) and validated email address.
+/// A validated email address in its one canonical form, so that every spelling of one
+/// address is one account and one login budget:
+///
+/// - trimmed, and refused if any character is a control, format (invisible: zero-width
+///   space, soft hyphen, byte-order mark, bidi controls …), private-use, unassigned or
+///   separator character, or one of the few other invisible ones;
+/// - the local part lower-cased and in Unicode NFC;
+/// - the domain IDNA-encoded (UTS #46, strict: STD3 rules, hyphens, DNS lengths) to
+///   lower-case ASCII, so `Bücher.example` is stored as `xn--bcher-kva.example`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Email(String);
+
+/// Why a string is not an email address; the message starts with the field's name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("email: {0}")]
+pub struct InvalidEmail(&'static str);
 
 impl Email {
     pub const MAX_LEN: usize = 254;
 
-    pub fn parse(raw: &str) -> Result<Self, ApiError> {
-        let email = raw.trim().to_lowercase();
-        let invalid = || ApiError::validation("email: not a valid email address");
-        if email.is_empty() || email.len() > Self::MAX_LEN {
-            return Err(invalid());
+    pub fn parse(raw: &str) -> Result<Self, InvalidEmail> {
+        let malformed = InvalidEmail("not a valid email address");
+        let raw = raw.trim();
+        // Anything this long is no address; the bound also caps the normalisation work.
+        if raw.is_empty() || raw.len() > 4 * Self::MAX_LEN {
+            return Err(malformed);
         }
-        let (local, domain) = email.rsplit_once('@').ok_or_else(invalid)?;
+        if raw.chars().any(invisible) {
+            return Err(InvalidEmail("contains an invisible or control character"));
+        }
+        let (local, domain) = raw.rsplit_once('@').ok_or_else(|| malformed.clone())?;
+        let local: String = local.to_lowercase().nfc().collect();
         let local_ok = !local.is_empty()
             && local.len() <= 64
-            && !local.contains('@')
             && !local.starts_with('.')
             && !local.ends_with('.')
-            && !local.contains("..");
-        let domain_ok = domain.len() >= 3
-            && domain.contains('.')
-            && domain.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-                    && label.chars().all(|c| c.is_alphanumeric() || c == '-')
-            });
-        let chars_ok =
-            !email.chars().any(|c| c.is_whitespace() || c.is_control() || "<>()[]\\,;:\"".contains(c));
-        if local_ok && domain_ok && chars_ok { Ok(Self(email)) } else { Err(invalid()) }
+            && !local.contains("..")
+            && !local.chars().any(|c| "@<>()[]\\,;:\"".contains(c));
+        if !local_ok {
+            return Err(malformed);
+        }
+        // Strict: the STD3 rules (letters, digits, hyphens), no label starting or ending
+        // with a hyphen, DNS lengths, no empty label or trailing dot. It maps case and
+        // compatibility forms (`Ｅ` → `e`) and normalises before encoding.
+        let domain = idna::domain_to_ascii_strict(domain).map_err(|_| malformed.clone())?;
+        if !domain.contains('.') {
+            return Err(malformed);
+        }
+        let email = format!("{local}@{domain}");
+        if email.len() > Self::MAX_LEN {
+            return Err(malformed);
+        }
+        Ok(Self(email))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Characters that do not show, or show as something else: every control (Cc), format
+/// (Cf: zero-width space and joiners, soft hyphen, byte-order mark, bidi controls and
+/// isolates …), surrogate, private-use and unassigned (Cn: its normalisation could change
+/// in a later Unicode version) code point; every separator (spaces, line and paragraph
+/// separators); and the default-ignorable code points of other categories (Hangul fillers,
+/// the combining grapheme joiner, variation selectors).
+fn invisible(c: char) -> bool {
+    matches!(c.general_category_group(), GeneralCategoryGroup::Other | GeneralCategoryGroup::Separator)
+        || matches!(
+            c,
+            '\u{034f}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{17b4}'
+                | '\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
+                | '\u{ffa0}'
+                | '\u{e0100}'..='\u{e01ef}'
+        )
 }
 
 impl fmt::Debug for Email {
@@ -124,6 +170,125 @@ mod tests {
         }
         let long = format!("{}@example.com", "a".repeat(250));
         assert!(Email::parse(&long).is_err());
+    }
+
+    /// `e` + U+0301 (combining acute) is NFD for U+00E9 `é`.
+    const NFD_E: &str = "e\u{301}";
+
+    #[test]
+    fn canonically_equal_addresses_are_one() {
+        let nfc = Email::parse("ren\u{e9}@example.com").expect("NFC");
+        let nfd = Email::parse(&format!("ren{NFD_E}@example.com")).expect("NFD");
+        assert_eq!(nfc, nfd);
+        assert_eq!(nfc.as_str(), "ren\u{e9}@example.com", "stored NFC");
+        let upper = Email::parse(&format!("REN{}@EXAMPLE.com", "E\u{301}")).expect("NFD upper");
+        assert_eq!(upper, nfc);
+    }
+
+    #[test]
+    fn the_domain_is_stored_as_ascii_and_the_local_part_as_lower_case_nfc() {
+        let e = Email::parse("\u{dc}BER@B\u{dc}CHER.example").expect("valid");
+        assert_eq!(e.as_str(), "\u{fc}ber@xn--bcher-kva.example");
+        assert_eq!(Email::parse("\u{fc}ber@xn--bcher-kva.example").expect("punycode"), e);
+        assert_eq!(Email::parse("\u{fc}ber@XN--BCHER-KVA.EXAMPLE").expect("upper punycode"), e);
+        assert_eq!(Email::parse(&format!("u{}ber@bu{}cher.example", "\u{308}", "\u{308}")).expect("NFD"), e);
+        assert_eq!(Email::parse("ada@m\u{fc}nchen.de").expect("idn").as_str(), "ada@xn--mnchen-3ya.de");
+    }
+
+    #[test]
+    fn invisible_and_control_characters_are_refused_anywhere() {
+        let invisible = [
+            '\u{200b}',
+            '\u{200c}',
+            '\u{200d}',
+            '\u{00ad}',
+            '\u{feff}',
+            '\u{2060}',
+            '\u{180e}',
+            '\u{202a}',
+            '\u{202b}',
+            '\u{202c}',
+            '\u{202d}',
+            '\u{202e}',
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}',
+            '\u{200e}',
+            '\u{200f}',
+            '\u{0000}',
+            '\u{0007}',
+            '\u{001b}',
+            '\u{007f}',
+            '\u{e000}',
+            '\u{0378}',
+            '\u{3164}',
+            '\u{034f}',
+            '\u{fe0f}',
+            '\u{e0041}',
+        ];
+        let base = "alice@example.com";
+        for c in invisible {
+            for (at, _) in base.char_indices().chain([(base.len(), ' ')]) {
+                let bad = format!("{}{c}{}", &base[..at], &base[at..]);
+                assert!(Email::parse(&bad).is_err(), "U+{:04X} at {at} should be refused", u32::from(c));
+            }
+        }
+    }
+
+    #[test]
+    fn domains_are_checked_strictly() {
+        for bad in [
+            "a@ex ample.com",
+            "a@-x.com",
+            "a@x-.com",
+            "a@b..com",
+            "a@example.com.",
+            "a@under_score.com",
+            "a@xn--a.com",
+            &format!("a@{}.com", "x".repeat(64)),
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(Email::parse(&format!("a@{}.com", "x".repeat(63))).is_ok());
+    }
+
+    /// A small deterministic generator: no dependency, reproducible failures.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn parsing_is_total_idempotent_and_yields_the_canonical_form() {
+        use unicode_normalization::UnicodeNormalization as _;
+        let alphabet: Vec<char> =
+            "aZé\u{301}\u{308}Üß.-_@+ \u{200b}\u{ad}\u{202e}xn0İΣς\u{ff0e}例".chars().collect();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut valid = 0;
+        for _ in 0..20_000 {
+            let len = 1 + (next(&mut state) % 16) as usize;
+            let mut raw: String =
+                (0..len).map(|_| alphabet[(next(&mut state) % alphabet.len() as u64) as usize]).collect();
+            if next(&mut state).is_multiple_of(2) {
+                raw.push_str("@example.com");
+            }
+            let Ok(email) = Email::parse(&raw) else { continue };
+            valid += 1;
+            let s = email.as_str();
+            assert_eq!(Email::parse(s).ok().as_ref().map(Email::as_str), Some(s), "idempotent: {raw:?}");
+            assert_eq!(s.nfc().collect::<String>(), s, "NFC: {raw:?}");
+            let nfd: String = raw.nfd().collect();
+            assert_eq!(Email::parse(&nfd).ok().as_ref().map(Email::as_str), Some(s), "NFD alike: {raw:?}");
+            let (local, domain) = s.rsplit_once('@').expect("one @");
+            assert!(!local.contains('@'));
+            assert_eq!(local.to_lowercase(), local, "{raw:?}");
+            assert!(domain.is_ascii() && domain.to_ascii_lowercase() == domain, "{raw:?}");
+            assert!(s.len() <= Email::MAX_LEN);
+        }
+        assert!(valid > 500, "the generator must reach valid addresses too: {valid}");
     }
 
     #[test]

@@ -351,6 +351,12 @@ impl From<crate::store::revocation::StoreError> for ApiError {
     }
 }
 
+impl From<crate::domain::InvalidEmail> for ApiError {
+    fn from(err: crate::domain::InvalidEmail) -> Self {
+        ApiError::validation(err.to_string())
+    }
+}
+
 impl From<crate::password::HashError> for ApiError {
     fn from(err: crate::password::HashError) -> Self {
         match err {

@@ -88,31 +88,25 @@ pub fn invalid_credentials() -> ApiError {
 }
 
 /// Logs in. Limits are charged first, before any hashing: the client's address, then the
-/// account (normalised email, whether or not it exists), then the account's cool-down.
+/// account (the normalised email, whether or not it exists), then the account's cool-down.
 pub async fn login(
     state: &AppState,
     raw_email: &str,
     password: Password,
     client: &ClientInfo,
 ) -> Result<Tokens, ApiError> {
-    // The same normalisation as `Email::parse`, so a malformed address still has a budget.
-    let account_key = raw_email.trim().to_lowercase();
-    let failures_to_forget = limit::admit_login(state, &account_key, client).await?;
+    let Ok(email) = Email::parse(raw_email) else {
+        return login_malformed(state, password, client).await;
+    };
+    // Keyed by the canonical form: another spelling of the address buys no new budget.
+    let account_key = email.as_str();
+    let failures_to_forget = limit::admit_login(state, account_key, client).await?;
 
     let now = state.clock.now();
-    let account_key = account_key.as_str();
     let fail = |user_id: Option<Uuid>| async move {
-        state.metrics.login("invalid_credentials");
         state.limits.record_failure(account_key, state.config.login_cooldown, now.timestamp_millis()).await?;
-        let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
-        if let Some(id) = user_id {
-            event = event.user(id);
-        }
-        state.audit.record(event);
-        Err::<Tokens, ApiError>(invalid_credentials())
+        Err::<Tokens, ApiError>(login_failed(state, user_id, client, now))
     };
-    // A malformed email cannot belong to an account: answered like a wrong password.
-    let Ok(email) = Email::parse(raw_email) else { return fail(None).await };
     let found = users::profile_by_email(&state.db, &email).await?;
     // Unknown emails verify against the dummy hash: the same work, the same answer.
     let ok = state.hasher.verify(password, found.as_ref().map(|(u, _)| u.password_hash.as_str())).await?;
@@ -169,6 +163,37 @@ pub async fn login(
         Err(e) => tracing::warn!(error = %e.detail, "ending sessions beyond MAX_SESSIONS_PER_USER failed"),
     }
     Ok(tokens)
+}
+
+/// A login whose email is no address cannot belong to an account, so it has no account
+/// budget and leaves no failure record (nothing for a flood of made-up strings to fill);
+/// it is charged to the client's address, does the same work (the dummy hash) and gets
+/// the same answer as a wrong password.
+async fn login_malformed(
+    state: &AppState,
+    password: Password,
+    client: &ClientInfo,
+) -> Result<Tokens, ApiError> {
+    let rate = state.config.rate_limit_login_per_ip;
+    limit::charge(state, Limit::LoginPerIp, &limit::ip_key(client), rate, client).await?;
+    state.hasher.verify(password, None).await?;
+    Err(login_failed(state, None, client, state.clock.now()))
+}
+
+/// Counts and audits a failed login; the answer is the same whatever failed.
+fn login_failed(
+    state: &AppState,
+    user_id: Option<Uuid>,
+    client: &ClientInfo,
+    now: DateTime<Utc>,
+) -> ApiError {
+    state.metrics.login("invalid_credentials");
+    let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
+    if let Some(id) = user_id {
+        event = event.user(id);
+    }
+    state.audit.record(event);
+    invalid_credentials()
 }
 
 /// Writes a new session, its first refresh token and the account's last login, all or

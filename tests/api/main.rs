@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod cli;
+mod emails;
 mod example;
 mod flow;
 mod helpers;
