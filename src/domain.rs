@@ -6,8 +6,6 @@ use secrecy::{ExposeSecret, SecretString};
 use unicode_normalization::UnicodeNormalization as _;
 use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory as _};
 
-use crate::error::ApiError;
-
 /// A validated email address in its one canonical form, so that every spelling of one
 /// address is one account and one login budget:
 ///
@@ -66,6 +64,25 @@ impl Email {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Words a password must not be built from: the address, its local part and the
+    /// words in it, the domain's labels and their hyphenated parts (as typed and as
+    /// stored).
+    pub fn words(&self) -> Vec<String> {
+        let (local, domain) = self.0.rsplit_once('@').unwrap_or((&self.0, ""));
+        let (unicode_domain, _) = idna::domain_to_unicode(domain);
+        let mut words = vec![self.0.clone(), local.to_owned()];
+        words.extend(local.split(|c: char| !c.is_alphanumeric()).map(str::to_owned));
+        words.extend(domain.split('.').map(str::to_owned));
+        for label in unicode_domain.split('.') {
+            words.push(label.to_owned());
+            words.extend(label.split('-').map(str::to_owned));
+        }
+        words.retain(|w| w.chars().count() >= 3);
+        words.sort();
+        words.dedup();
+        words
+    }
 }
 
 /// Characters that do not show, or show as something else: every control (Cc), format
@@ -106,24 +123,71 @@ impl AsRef<str> for Email {
 /// A password of 8..=1024 characters (characters, not bytes). Never printed.
 pub struct Password(SecretString);
 
+/// Why a password is refused before anything else looks at it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidPassword {
+    #[error("password: must be at least 8 characters")]
+    TooShort,
+    #[error("password: must be at most 1024 characters")]
+    TooLong,
+}
+
+/// A new password below the required strength. The message is zxcvbn's feedback (fixed
+/// sentences about patterns, never the password or a part of it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct WeakPassword {
+    pub score: u8,
+    pub detail: String,
+}
+
+/// The zxcvbn score, 0 (anything goes) to 4, that a new password must reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Strength(u8);
+
+impl Strength {
+    pub const MAX: u8 = 4;
+
+    pub fn score(self) -> u8 {
+        self.0
+    }
+}
+
+impl Default for Strength {
+    fn default() -> Self {
+        Self(3)
+    }
+}
+
+impl std::str::FromStr for Strength {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().parse::<u8>() {
+            Ok(n) if n <= Self::MAX => Ok(Self(n)),
+            _ => Err(format!("expected a zxcvbn score, a whole number from 0 to 4, got {s:?}")),
+        }
+    }
+}
+
 impl Password {
     pub const MIN_CHARS: usize = 8;
     pub const MAX_CHARS: usize = 1024;
 
     /// For a new password: length rules apply.
-    pub fn new(raw: String) -> Result<Self, ApiError> {
+    pub fn new(raw: String) -> Result<Self, InvalidPassword> {
         let chars = raw.chars().count();
         if chars < Self::MIN_CHARS {
-            return Err(ApiError::validation("password: must be at least 8 characters"));
+            return Err(InvalidPassword::TooShort);
         }
         Self::candidate(raw)
     }
 
     /// For a login attempt: only the upper bound applies (it caps hashing work); a short
     /// password is simply wrong, answered like any wrong password.
-    pub fn candidate(raw: String) -> Result<Self, ApiError> {
+    pub fn candidate(raw: String) -> Result<Self, InvalidPassword> {
         if raw.chars().count() > Self::MAX_CHARS {
-            return Err(ApiError::validation("password: must be at most 1024 characters"));
+            return Err(InvalidPassword::TooLong);
         }
         Ok(Self(SecretString::from(raw)))
     }
@@ -131,6 +195,69 @@ impl Password {
     pub fn expose(&self) -> &str {
         self.0.expose_secret()
     }
+
+    /// Whether a new password reaches `min`, judged by zxcvbn with the account's email as
+    /// context (a password built from the address is weak). CPU-bound: up to about 20 ms
+    /// in a release build (see [`judged_part`]), so the server runs it on the hashing pool.
+    pub fn judge(&self, email: &Email, min: Strength) -> Result<(), WeakPassword> {
+        if min.0 == 0 {
+            return Ok(());
+        }
+        let words = email.words();
+        let context: Vec<&str> = words.iter().map(String::as_str).collect();
+        let verdict = zxcvbn::zxcvbn(judged_part(self.expose()), &context);
+        let score = u8::from(verdict.score());
+        if score >= min.0 {
+            return Ok(());
+        }
+        // zxcvbn's feedback is fixed sentences about the kind of pattern it found.
+        let mut advice: Vec<String> = Vec::new();
+        if let Some(feedback) = verdict.feedback() {
+            advice.extend(feedback.warning().map(|w| w.to_string()));
+            advice.extend(feedback.suggestions().iter().map(ToString::to_string));
+        }
+        if advice.is_empty() {
+            advice.push("Add another word or two. Uncommon words are better.".to_owned());
+        }
+        let detail = format!(
+            "password: too easy to guess (strength {score} of 4, at least {} required). {}",
+            min.0,
+            advice.join(" ")
+        );
+        Err(WeakPassword { score, detail })
+    }
+}
+
+/// At most this many characters of a password are judged …
+const JUDGED_MAX_CHARS: usize = 48;
+/// … and fewer when they hold more than this many distinct l33t characters …
+const JUDGED_MAX_L33T: usize = 6;
+/// … but never fewer than this (random passwords score 4 from about 11 characters on).
+const JUDGED_MIN_CHARS: usize = 12;
+/// The characters zxcvbn's l33t matcher reads as letters (`4` as `a`, `|` as `i` or `l` …).
+const L33T_CHARS: &str = "4@8({[<3691!|70$5+%2";
+
+/// The part of a password that zxcvbn judges. Its cost grows with the cube of the length
+/// (every substring against every dictionary), times the number of l33t readings, which
+/// grows with each distinct l33t character (they are not deduplicated). Measured in a
+/// release build: 100 characters of letters and digits 15 ms, of all l33t characters up
+/// to a second. The part judged here stays under about 20 ms.
+///
+/// Judging a prefix can only make a password look weaker, never stronger: a long password
+/// whose first 48 characters are weak is refused.
+fn judged_part(password: &str) -> &str {
+    let mut l33t: Vec<char> = Vec::with_capacity(JUDGED_MAX_L33T + 1);
+    let mut keep = JUDGED_MAX_CHARS;
+    for (n, c) in password.chars().take(JUDGED_MAX_CHARS).enumerate() {
+        if L33T_CHARS.contains(c) && !l33t.contains(&c) {
+            l33t.push(c);
+            if l33t.len() > JUDGED_MAX_L33T {
+                keep = n.max(JUDGED_MIN_CHARS);
+                break;
+            }
+        }
+    }
+    password.char_indices().nth(keep).map_or(password, |(end, _)| &password[..end])
 }
 
 impl fmt::Debug for Password {
@@ -306,5 +433,99 @@ mod tests {
     fn password_debug_hides_it() {
         let p = Password::new("correct horse battery".into()).expect("valid");
         assert!(!format!("{p:?}").contains("horse"));
+    }
+
+    fn email(raw: &str) -> Email {
+        Email::parse(raw).expect("valid email")
+    }
+
+    fn judge(password: &str, address: &str, min: u8) -> Result<(), WeakPassword> {
+        let min: Strength = min.to_string().parse().expect("strength");
+        Password::new(password.into()).expect("long enough").judge(&email(address), min)
+    }
+
+    #[test]
+    fn an_email_names_its_words() {
+        let words = email("Ada.Lovelace@Bücher-Haus.example").words();
+        for word in [
+            "ada.lovelace@xn--bcher-haus-9db.example",
+            "ada.lovelace",
+            "ada",
+            "lovelace",
+            "xn--bcher-haus-9db",
+            "bücher-haus",
+            "bücher",
+            "haus",
+            "example",
+        ] {
+            assert!(words.iter().any(|w| w == word), "{word} in {words:?}");
+        }
+    }
+
+    #[test]
+    fn strength_is_a_score_from_0_to_4() {
+        for ok in ["0", "3", "4", " 2 "] {
+            assert!(ok.parse::<Strength>().is_ok(), "{ok:?}");
+        }
+        for bad in ["5", "-1", "three", "", "3.5", "256"] {
+            assert!(bad.parse::<Strength>().is_err(), "{bad:?}");
+        }
+        assert_eq!(Strength::default().score(), 3);
+    }
+
+    #[test]
+    fn common_passwords_are_weak() {
+        let weak = judge("password123", "ada@example.com", 3).expect_err("weak");
+        assert!(weak.score < 3);
+        assert!(weak.detail.contains("common"), "zxcvbn's warning: {}", weak.detail);
+        assert!(!weak.detail.contains("password123"), "{}", weak.detail);
+        assert!(judge("password123", "ada@example.com", 0).is_ok(), "0 accepts anything");
+    }
+
+    #[test]
+    fn a_password_made_of_the_email_is_weak() {
+        // Strong on its own, weak for the account whose address it spells.
+        let password = "zq7-kestrel-plinth";
+        assert!(judge(password, "someone.else@example.com", 3).is_ok());
+        let weak = judge(password, "zq7-kestrel-plinth@example.com", 3).expect_err("weak");
+        assert!(!weak.detail.contains("kestrel"), "{}", weak.detail);
+        assert!(judge("kestrel-mailhost-2024", "someone.else@example.com", 3).is_ok());
+        assert!(judge("kestrel-mailhost-2024", "zq@kestrel-mailhost.example", 3).is_err(), "domain labels");
+        assert!(judge("mailhostkestrel", "zq@kestrel-mailhost.example", 3).is_err(), "their parts");
+    }
+
+    #[test]
+    fn a_passphrase_is_strong_and_the_test_suites_password_passes_with_typical_emails() {
+        for address in
+            ["ada@example.com", "user-0123456789abcdef0123456789abcdef@example.com", "root@example.com"]
+        {
+            assert!(judge("correct horse battery staple", address, 3).is_ok(), "{address}");
+            assert!(judge("correct horse battery staple", address, 4).is_ok(), "{address}");
+        }
+    }
+
+    #[test]
+    fn the_detail_explains_without_echoing() {
+        for password in ["password123", "aaaaaaaaaaaa", "qwertyuiop", "Tr0ub4dour&3", "01011990x"] {
+            let weak = judge(password, "ada@example.com", 4).expect_err(password);
+            assert!(!weak.detail.contains(password), "{}", weak.detail);
+            assert!(weak.detail.contains("of 4"), "names the score: {}", weak.detail);
+            assert!(weak.detail.len() > 40, "says what to do: {}", weak.detail);
+        }
+    }
+
+    #[test]
+    fn long_passwords_are_judged_on_a_bounded_part() {
+        // zxcvbn's cost grows with the cube of the length and with the number of distinct
+        // l33t characters: the judged part stays small whatever the input.
+        let all_l33t = "4@8({[<3691!|70$5+%2".repeat(50);
+        assert_eq!(judged_part(&all_l33t).chars().count(), 12);
+        let long = "correct horse battery staple ".repeat(30);
+        assert_eq!(judged_part(&long).chars().count(), 48);
+        assert_eq!(judged_part("Tr0ub4dour&3"), "Tr0ub4dour&3");
+        // Cut before the seventh distinct l33t character, once past the minimum.
+        assert_eq!(judged_part("abcdefghijklmn4@8(3691"), "abcdefghijklmn4@8(36");
+        assert!(judge(&all_l33t, "ada@example.com", 3).is_ok(), "random-looking");
+        assert!(judge(&format!("{}x", "a".repeat(1000)), "ada@example.com", 3).is_err());
     }
 }

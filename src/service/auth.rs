@@ -68,6 +68,7 @@ pub async fn register(
 ) -> Result<user::Model, ApiError> {
     let rate = state.config.rate_limit_register_per_ip;
     limit::charge(state, Limit::RegisterPerIp, &limit::ip_key(client), rate, client).await?;
+    let password = state.hasher.judge(password, &email, state.config.password_min_strength).await??;
     let password_hash = state.hasher.hash(password).await?;
     let now = state.clock.now();
     let created = match users::insert_user(&state.db, &email, password_hash, now).await {

@@ -13,6 +13,7 @@ mod limits;
 mod openapi;
 mod ops;
 mod outage;
+mod passwords;
 mod readme;
 mod sessions;
 mod tokens;
