@@ -19,7 +19,7 @@ use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory as _};
 pub struct Email(String);
 
 /// Why a string is not an email address; the message starts with the field's name.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("email: {0}")]
 pub struct InvalidEmail(&'static str);
 
@@ -36,7 +36,7 @@ impl Email {
         if raw.chars().any(invisible) {
             return Err(InvalidEmail("contains an invisible or control character"));
         }
-        let (local, domain) = raw.rsplit_once('@').ok_or_else(|| malformed.clone())?;
+        let (local, domain) = raw.rsplit_once('@').ok_or(malformed)?;
         let local: String = local.to_lowercase().nfc().collect();
         let local_ok = !local.is_empty()
             && local.len() <= 64
@@ -50,7 +50,7 @@ impl Email {
         // Strict: the STD3 rules (letters, digits, hyphens), no label starting or ending
         // with a hyphen, DNS lengths, no empty label or trailing dot. It maps case and
         // compatibility forms (`Ｅ` → `e`) and normalises before encoding.
-        let domain = idna::domain_to_ascii_strict(domain).map_err(|_| malformed.clone())?;
+        let domain = idna::domain_to_ascii_strict(domain).map_err(|_| malformed)?;
         if !domain.contains('.') {
             return Err(malformed);
         }

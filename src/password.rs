@@ -195,12 +195,7 @@ impl PasswordHasher {
 
     /// Judges a new password's strength (zxcvbn: milliseconds to tens of milliseconds of
     /// CPU) on the pool, like a hash. Hands the password back when it is strong enough.
-    pub async fn judge(
-        &self,
-        password: Password,
-        email: &Email,
-        min: Strength,
-    ) -> Result<Result<Password, WeakPassword>, HashError> {
+    pub async fn judge(&self, password: Password, email: &Email, min: Strength) -> Result<Judged, HashError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Judge { password, email: email.clone(), min, reply })?;
         rx.await.map_err(|_| HashError::Failed("hashing worker stopped".into()))
