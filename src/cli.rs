@@ -127,8 +127,9 @@ pub async fn migrate(config: &Config, action: MigrateAction) -> anyhow::Result<(
 
 pub async fn user(config: &Config, action: UserAction) -> anyhow::Result<()> {
     let UserAction::Create { email, roles } = action;
-    let email = Email::parse(&email).map_err(|e| anyhow::anyhow!("{}", e.detail))?;
-    let password = Password::new(read_password()?).map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    let email = Email::parse(&email)?;
+    let password = Password::new(read_password()?)?;
+    password.judge(&email, config.password_min_strength)?;
     let conn = db::connect_with(config, 1).await.context("connecting to the database (DATABASE_URL)")?;
     let now = chrono::Utc::now();
     db::migrate_and_prepare(config, &conn, now).await?;

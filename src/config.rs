@@ -133,6 +133,7 @@ pub struct Config {
     pub refresh_token_ttl: Duration,
     pub refresh_reuse_grace: Duration,
     pub max_sessions_per_user: u64,
+    pub password_min_strength: crate::domain::Strength,
     pub rate_limit_login_per_ip: Rate,
     pub rate_limit_login_per_account: Rate,
     pub rate_limit_register_per_ip: Rate,
@@ -219,6 +220,7 @@ impl Config {
             refresh_token_ttl: env.duration("REFRESH_TOKEN_TTL", "30d")?,
             refresh_reuse_grace: env.duration("REFRESH_REUSE_GRACE", "10s")?,
             max_sessions_per_user: env.parse("MAX_SESSIONS_PER_USER", "100")?,
+            password_min_strength: env.parse("PASSWORD_MIN_STRENGTH", "3")?,
             rate_limit_login_per_ip: env.parse("RATE_LIMIT_LOGIN_PER_IP", "30/1m")?,
             rate_limit_login_per_account: env.parse("RATE_LIMIT_LOGIN_PER_ACCOUNT", "10/1m")?,
             rate_limit_register_per_ip: env.parse("RATE_LIMIT_REGISTER_PER_IP", "10/1m")?,
@@ -470,6 +472,9 @@ mod tests {
         assert!(c.redis_url.is_none());
         assert!(c.uses_sqlite());
         assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.password_min_strength.score(), 3);
+        let lenient = config(&[("PASSWORD_MIN_STRENGTH", "0")]).expect("0 is allowed");
+        assert_eq!(lenient.password_min_strength.score(), 0);
     }
 
     #[test]
@@ -486,6 +491,8 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("HTTP_HEADER_TIMEOUT", "0s"),
             ("HTTP_HEADER_TIMEOUT", "soon"),
+            ("PASSWORD_MIN_STRENGTH", "5"),
+            ("PASSWORD_MIN_STRENGTH", "strong"),
         ] {
             let err = config(&[(var, value)]).expect_err(var);
             assert_eq!(err.variable, var, "{err}");

@@ -29,6 +29,7 @@ pub enum ErrorCode {
     RefreshTokenReused,
     RateLimited,
     EmailTaken,
+    WeakPassword,
     Forbidden,
     NotFound,
     MethodNotAllowed,
@@ -50,6 +51,7 @@ impl ErrorCode {
             Self::RefreshTokenReused => "refresh_token_reused",
             Self::RateLimited => "rate_limited",
             Self::EmailTaken => "email_taken",
+            Self::WeakPassword => "weak_password",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -62,7 +64,7 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            Self::ValidationFailed => StatusCode::BAD_REQUEST,
+            Self::ValidationFailed | Self::WeakPassword => StatusCode::BAD_REQUEST,
             Self::InvalidCredentials
             | Self::InvalidToken
             | Self::InvalidClient
@@ -92,6 +94,7 @@ impl ErrorCode {
             Self::RefreshTokenReused => "The refresh token was already used",
             Self::RateLimited => "Too many requests",
             Self::EmailTaken => "The email is already registered",
+            Self::WeakPassword => "The password is too easy to guess",
             Self::Forbidden => "Not allowed",
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
@@ -239,7 +242,7 @@ impl ApiResponse for ApiError {
             responses: vec![
                 response(
                     400,
-                    "`validation_failed`: malformed JSON, unknown or missing fields, wrong types, invalid values.",
+                    "`validation_failed`: malformed JSON, unknown or missing fields, wrong types, invalid values. `weak_password`: a new password below `PASSWORD_MIN_STRENGTH` (`detail` says why).",
                     vec![],
                 ),
                 response(
@@ -348,6 +351,24 @@ impl From<crate::store::revocation::StoreError> for ApiError {
     fn from(err: crate::store::revocation::StoreError) -> Self {
         tracing::warn!(error = %err, "revocation store unavailable");
         ApiError::unavailable("The session store is unavailable; try again shortly.")
+    }
+}
+
+impl From<crate::domain::InvalidEmail> for ApiError {
+    fn from(err: crate::domain::InvalidEmail) -> Self {
+        ApiError::validation(err.to_string())
+    }
+}
+
+impl From<crate::domain::InvalidPassword> for ApiError {
+    fn from(err: crate::domain::InvalidPassword) -> Self {
+        ApiError::validation(err.to_string())
+    }
+}
+
+impl From<crate::domain::WeakPassword> for ApiError {
+    fn from(err: crate::domain::WeakPassword) -> Self {
+        ApiError::new(ErrorCode::WeakPassword, err.detail)
     }
 }
 

@@ -4,7 +4,8 @@
 //! queue of `queue` jobs; when the queue is full the caller gets `HashError::Busy` at once
 //! (503 with `Retry-After`) instead of waiting without end. Unknown emails verify against
 //! a dummy hash with the same parameters, so a login costs the same whether the account
-//! exists.
+//! exists. The strength of a new password (zxcvbn, up to about 20 ms of CPU) is judged on
+//! the same pool, under the same bound.
 //!
 //! Each thread hashes with a [`Hasher`], which keeps argon2's 19 MiB working memory
 //! between hashes instead of allocating and zeroing it for every one. Threads start when
@@ -21,7 +22,7 @@ use argon2::password_hash::phc::{Output, PasswordHash, Salt};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::oneshot;
 
-use crate::domain::Password;
+use crate::domain::{Email, Password, Strength, WeakPassword};
 
 /// OWASP's argon2id recommendation: 19 MiB, 2 iterations, 1 lane.
 pub const MEMORY_KIB: u32 = 19_456;
@@ -39,7 +40,11 @@ pub enum HashError {
 enum Job {
     Hash { password: Password, reply: oneshot::Sender<Result<String, HashError>> },
     Verify { password: Password, hash: Arc<str>, reply: oneshot::Sender<bool> },
+    Judge { password: Password, email: Email, min: Strength, reply: oneshot::Sender<Judged> },
 }
+
+/// A judged new password: handed back when strong enough.
+type Judged = Result<Password, WeakPassword>;
 
 /// How long a hashing thread waits for work before it exits.
 pub const IDLE_WORKER_EXIT: Duration = Duration::from_secs(2);
@@ -188,6 +193,14 @@ impl PasswordHasher {
         rx.await.map_err(|_| HashError::Failed("hashing worker stopped".into()))?
     }
 
+    /// Judges a new password's strength (zxcvbn: milliseconds to tens of milliseconds of
+    /// CPU) on the pool, like a hash. Hands the password back when it is strong enough.
+    pub async fn judge(&self, password: Password, email: &Email, min: Strength) -> Result<Judged, HashError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Judge { password, email: email.clone(), min, reply })?;
+        rx.await.map_err(|_| HashError::Failed("hashing worker stopped".into()))
+    }
+
     /// Verifies against `hash`, or against the dummy hash when there is no account, so the
     /// work (and the time) is the same either way. Returns false for the dummy.
     pub async fn verify(&self, password: Password, hash: Option<&str>) -> Result<bool, HashError> {
@@ -319,6 +332,7 @@ fn next_job(
 enum Answer {
     Hash(oneshot::Sender<Result<String, HashError>>, Result<String, HashError>),
     Verify(oneshot::Sender<bool>, bool),
+    Judge(oneshot::Sender<Judged>, Judged),
 }
 
 impl Answer {
@@ -327,6 +341,7 @@ impl Answer {
         let _ = match self {
             Self::Hash(reply, result) => reply.send(result).map_err(drop),
             Self::Verify(reply, ok) => reply.send(ok).map_err(drop),
+            Self::Judge(reply, judged) => reply.send(judged).map_err(drop),
         };
     }
 }
@@ -336,6 +351,9 @@ fn work(hasher: &mut Hasher, job: Job) -> Answer {
         Job::Hash { password, reply } => Answer::Hash(reply, hasher.hash(password.expose().as_bytes())),
         Job::Verify { password, hash, reply } => {
             Answer::Verify(reply, hasher.verify(password.expose().as_bytes(), &hash))
+        }
+        Job::Judge { password, email, min, reply } => {
+            Answer::Judge(reply, password.judge(&email, min).map(|()| password))
         }
     }
 }
@@ -423,6 +441,20 @@ mod tests {
         hasher.release();
         assert!(hasher.memory.is_empty());
         assert!(hasher.verify(b"one", &second), "the next hash takes memory again");
+    }
+
+    #[tokio::test]
+    async fn new_passwords_are_judged_on_the_pool_then_hashed_by_the_same_thread() {
+        let hasher = PasswordHasher::start_with(2, 8, Duration::from_secs(5)).expect("pool");
+        let email = Email::parse("ada@example.com").expect("email");
+        let weak = hasher.judge(pw("password123"), &email, Strength::default()).await.expect("judged");
+        assert!(weak.is_err());
+        assert_eq!(hasher.pool.live.load(SeqCst), 1, "judged on a pool thread, not the reactor");
+        let strong = hasher.judge(pw("correct horse battery staple"), &email, Strength::default()).await;
+        let password = strong.expect("judged").expect("strong");
+        let hash = hasher.hash(password).await.expect("hash");
+        assert!(hasher.verify(pw("correct horse battery staple"), Some(&hash)).await.expect("verify"));
+        assert_eq!(hasher.pool.live.load(SeqCst), 1, "the waiting thread took each next job");
     }
 
     #[tokio::test]

@@ -264,8 +264,11 @@ pub struct AuthApi;
 impl AuthApi {
     /// Create an account
     ///
-    /// Emails are trimmed and lower-cased; passwords are 8 to 1024 characters.
-    /// A taken email is answered with 409 `email_taken`.
+    /// Emails are stored in one canonical form: the local part lower-cased and in Unicode
+    /// NFC, the domain IDNA-encoded to lower-case ASCII; an address with a control or
+    /// invisible character is refused. Passwords are 8 to 1024 characters and must reach
+    /// `PASSWORD_MIN_STRENGTH` (a zxcvbn score, judged with the email as context), else 400
+    /// `weak_password`. A taken email is answered with 409 `email_taken`.
     #[oai(path = "/register", method = "post", operation_id = "register")]
     async fn register(
         &self,

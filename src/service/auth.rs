@@ -71,6 +71,7 @@ pub async fn register(
 ) -> Result<user::Model, ApiError> {
     let rate = state.config.rate_limit_register_per_ip;
     limit::charge(state, Limit::RegisterPerIp, &limit::ip_key(client), rate, client).await?;
+    let password = state.hasher.judge(password, &email, state.config.password_min_strength).await??;
     let password_hash = state.hasher.hash(password).await?;
     let now = state.clock.now();
     let created = match users::insert_user(&state.db, &email, password_hash, now).await {
@@ -91,8 +92,8 @@ pub fn invalid_credentials() -> ApiError {
 }
 
 /// Logs in. Limits are charged first, before any hashing: the client's address, then the
-/// account (normalised email, whether or not it exists) or the presented device, then the
-/// cool-down of that device or of this (account, network) pair.
+/// account (the canonical email, whether or not it exists) or the presented device, then
+/// the cool-down of that device or of this (account, network) pair.
 pub async fn login(
     state: &AppState,
     raw_email: &str,
@@ -100,38 +101,29 @@ pub async fn login(
     device_token: Option<&str>,
     client: &ClientInfo,
 ) -> Result<Tokens, ApiError> {
+    let Ok(email) = Email::parse(raw_email) else {
+        return login_malformed(state, password, client).await;
+    };
     let now = state.clock.now();
-    // The same normalisation as `Email::parse`, so a malformed address still has a budget.
-    let account_key = raw_email.trim().to_lowercase();
-    let device = device_token.and_then(|t| state.devices.verify(&account_key, t, now));
-    let judge = limit::admit_login(state, &account_key, device, client).await?;
+    // Keyed by the canonical form: another spelling of the address buys no new budget.
+    let account_key = email.as_str();
+    let device = device_token.and_then(|t| state.devices.verify(account_key, t, now));
+    let judge = limit::admit_login(state, account_key, device, client).await?;
 
     let failures_key = judge.failures_key.as_str();
-    // `counted`: whether the failure counts towards a cool-down (not for an address that
-    // cannot be an account: a stranger's garbage creates no records).
-    let fail = |user_id: Option<Uuid>, counted: bool| async move {
-        state.metrics.login("invalid_credentials");
-        if counted {
-            state
-                .limits
-                .record_failure(failures_key, state.config.login_cooldown, now.timestamp_millis())
-                .await?;
-        }
-        let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
-        if let Some(id) = user_id {
-            event = event.user(id);
-        }
-        state.audit.record(event);
-        Err::<Tokens, ApiError>(invalid_credentials())
+    let fail = |user_id: Option<Uuid>| async move {
+        state
+            .limits
+            .record_failure(failures_key, state.config.login_cooldown, now.timestamp_millis())
+            .await?;
+        Err::<Tokens, ApiError>(login_failed(state, user_id, client, now))
     };
-    // A malformed email cannot belong to an account: answered like a wrong password.
-    let Ok(email) = Email::parse(raw_email) else { return fail(None, false).await };
     let found = users::profile_by_email(&state.db, &email).await?;
     // Unknown emails verify against the dummy hash: the same work, the same answer.
     let ok = state.hasher.verify(password, found.as_ref().map(|(u, _)| u.password_hash.as_str())).await?;
     let (account, roles) = match found {
         Some(profile) if ok => profile,
-        other => return fail(other.map(|(a, _)| a.id), true).await,
+        other => return fail(other.map(|(a, _)| a.id)).await,
     };
     if judge.failures {
         state.limits.clear_failures(failures_key).await?;
@@ -169,7 +161,7 @@ pub async fn login(
     let info = TokenInfo { jti, session_id, user_id: account.id, issued_at: now, expires_at };
     let mut tokens = issue(state, info, roles, refresh, None, now).await?;
     // The same device keeps its id; a new one gets one.
-    tokens.device_token = Some(state.devices.issue(&account_key, device.unwrap_or_else(Uuid::new_v4), now));
+    tokens.device_token = Some(state.devices.issue(account_key, device.unwrap_or_else(Uuid::new_v4), now));
     // Beyond MAX_SESSIONS_PER_USER, the least recently used sessions end. Committed in SQL
     // with their revocation pending, so a store failure here is finished by the reconciler.
     match sessions::enforce_limit(state, account.id).await {
@@ -183,6 +175,37 @@ pub async fn login(
         Err(e) => tracing::warn!(error = %e.detail, "ending sessions beyond MAX_SESSIONS_PER_USER failed"),
     }
     Ok(tokens)
+}
+
+/// A login whose email is no address cannot belong to an account, so it has no account
+/// budget and leaves no failure record (nothing for a flood of made-up strings to fill);
+/// it is charged to the client's address, does the same work (the dummy hash) and gets
+/// the same answer as a wrong password.
+async fn login_malformed(
+    state: &AppState,
+    password: Password,
+    client: &ClientInfo,
+) -> Result<Tokens, ApiError> {
+    let rate = state.config.rate_limit_login_per_ip;
+    limit::charge(state, Limit::LoginPerIp, &limit::ip_key(client), rate, client).await?;
+    state.hasher.verify(password, None).await?;
+    Err(login_failed(state, None, client, state.clock.now()))
+}
+
+/// Counts and audits a failed login; the answer is the same whatever failed.
+fn login_failed(
+    state: &AppState,
+    user_id: Option<Uuid>,
+    client: &ClientInfo,
+    now: DateTime<Utc>,
+) -> ApiError {
+    state.metrics.login("invalid_credentials");
+    let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
+    if let Some(id) = user_id {
+        event = event.user(id);
+    }
+    state.audit.record(event);
+    invalid_credentials()
 }
 
 /// Writes a new session, its first refresh token and the account's last login, all or

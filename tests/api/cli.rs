@@ -100,3 +100,29 @@ async fn user_create_reads_the_password_from_stdin_or_the_environment() {
     let resp = app.login("second@example.com", "another long password").await;
     assert_eq!(resp.status(), reqwest::StatusCode::OK);
 }
+
+#[tokio::test]
+async fn user_create_refuses_a_weak_password_unless_the_rule_is_off() {
+    use crate::helpers::{Backend, Resources, Store};
+
+    let resources = Resources::new(Backend::Sqlite, &Store::InProcess).await;
+    let create = |email: &str, password: &str, strength: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_latchkey"));
+        cmd.args(["user", "create", "--email", email])
+            .env("DATABASE_URL", &resources.database_url)
+            .env("LATCHKEY_PASSWORD", password)
+            .env_remove("PASSWORD_MIN_STRENGTH")
+            .stdin(std::process::Stdio::null());
+        if let Some(strength) = strength {
+            cmd.env("PASSWORD_MIN_STRENGTH", strength);
+        }
+        cmd.output().unwrap()
+    };
+    let out = create("weak@example.com", "password123", None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("guess"), "says why: {err}");
+    assert!(!err.contains("password123"), "{err}");
+    let out = create("weak@example.com", "password123", Some("0"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
