@@ -2,10 +2,14 @@
 //! `audit_logs` in batches (by size, or at the latest every second). The request path
 //! never waits on the database for it. A full channel drops the event, counts it and
 //! logs it: never silently. On shutdown the worker drains the channel before it stops.
+//!
+//! Events come in two classes (issue 14: a flood of refusals crowded out the events that
+//! matter). `Noise`, the refusals anyone can cause at will, may fill at most half of the
+//! channel; the other half is reserved for `Security` events, which noise can never take.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -51,13 +55,78 @@ impl AuditEvent {
         self.detail = Some(detail);
         self
     }
+
+    /// Noise is what a stranger can produce at will and in bulk: refusals. Everything else
+    /// (logins, refreshes, reuse, logouts, revocations, registrations, keys, admin actions),
+    /// and any action added later until it is listed here, is security.
+    pub fn class(&self) -> Class {
+        match self.action {
+            "rate_limited" => Class::Noise,
+            _ => Class::Security,
+        }
+    }
+}
+
+/// Which share of the audit queue an event may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// May use the whole queue.
+    Security,
+    /// May use at most half of it (rounded down).
+    Noise,
+}
+
+impl Class {
+    pub const ALL: [Class; 2] = [Class::Security, Class::Noise];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Security => "security",
+            Class::Noise => "noise",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Class::Security => 0,
+            Class::Noise => 1,
+        }
+    }
 }
 
 /// The sending side, cloned into the application state.
 #[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<AuditEvent>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+/// What the senders and the writer share.
+struct Shared {
+    /// Noise events in the channel now; the writer gives a slot back as it takes one out.
+    noise_queued: AtomicUsize,
+    noise_share: usize,
+    /// Dropped events since start, by `Class::index`.
+    dropped: [AtomicU64; 2],
+}
+
+impl Shared {
+    fn take_noise_slot(&self) -> bool {
+        self.noise_queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.noise_share).then_some(n + 1))
+            .is_ok()
+    }
+
+    fn release_noise_slot(&self) {
+        let _ = self.noise_queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// The writer took `event` out of the channel.
+    fn taken(&self, event: &AuditEvent) {
+        if event.class() == Class::Noise {
+            self.release_noise_slot();
+        }
+    }
 }
 
 /// The worker's handle: `shutdown` drains the queue into SQL and waits for it.
@@ -67,31 +136,57 @@ pub struct AuditWorker {
 }
 
 impl Auditor {
+    /// `capacity` events may wait (at least 1); noise may take at most `capacity / 2` of them.
     pub fn start(db: DatabaseConnection, capacity: usize) -> (Self, AuditWorker) {
+        let capacity = capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);
+        let shared = Arc::new(Shared {
+            noise_queued: AtomicUsize::new(0),
+            noise_share: capacity / 2,
+            dropped: [AtomicU64::new(0), AtomicU64::new(0)],
+        });
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(db, rx, stopped));
-        (Self { tx, dropped: Arc::new(AtomicU64::new(0)) }, AuditWorker { stop, task })
+        let task = tokio::spawn(run(db, rx, Arc::clone(&shared), stopped));
+        (Self { tx, shared }, AuditWorker { stop, task })
     }
 
     pub fn record(&self, event: AuditEvent) {
+        let class = event.class();
+        if class == Class::Noise && !self.shared.take_noise_slot() {
+            self.dropped(&event, class, "the audit queue's share for noise is full; event dropped");
+            return;
+        }
         if let Err(e) = self.tx.try_send(event) {
-            let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            let event = match &e {
-                mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev) => ev,
-            };
+            let event = e.into_inner();
+            if class == Class::Noise {
+                self.shared.release_noise_slot();
+            }
+            self.dropped(&event, class, "audit queue full; event dropped");
+        }
+    }
+
+    fn dropped(&self, event: &AuditEvent, class: Class, message: &'static str) {
+        let total = self.shared.dropped[class.index()].fetch_add(1, Ordering::Relaxed) + 1;
+        // Every lost security event is logged; noise, which comes in floods, only now and then.
+        if class == Class::Security || total == 1 || total % 1000 == 0 {
             tracing::warn!(
                 action = event.action,
                 outcome = event.outcome,
+                class = class.as_str(),
                 dropped_total = total,
-                "audit queue full; event dropped"
+                "{message}"
             );
         }
     }
 
-    /// Events dropped because the queue was full, since start.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+    /// Events of `class` dropped because their share of the queue was full, since start.
+    pub fn dropped_of(&self, class: Class) -> u64 {
+        self.shared.dropped[class.index()].load(Ordering::Relaxed)
+    }
+
+    /// Events dropped since start, of either class.
+    pub fn dropped_total(&self) -> u64 {
+        Class::ALL.iter().map(|c| self.dropped_of(*c)).sum()
     }
 
     /// Events waiting to be written.
@@ -107,12 +202,21 @@ impl AuditWorker {
     }
 }
 
-async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<AuditEvent>, mut stopped: watch::Receiver<bool>) {
+async fn run(
+    db: DatabaseConnection,
+    mut rx: mpsc::Receiver<AuditEvent>,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
+    let take = |batch: &mut Vec<AuditEvent>, event: AuditEvent| {
+        shared.taken(&event);
+        batch.push(event);
+    };
     loop {
         tokio::select! {
             event = rx.recv() => match event {
-                Some(event) => batch.push(event),
+                Some(event) => take(&mut batch, event),
                 None => break,
             },
             _ = stopped.changed() => break,
@@ -121,7 +225,7 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<AuditEvent>, mut sto
         let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
         while batch.len() < BATCH {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(event)) => batch.push(event),
+                Ok(Some(event)) => take(&mut batch, event),
                 _ => break,
             }
         }
@@ -129,7 +233,7 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<AuditEvent>, mut sto
     }
     // Drain what is left.
     while let Ok(event) = rx.try_recv() {
-        batch.push(event);
+        take(&mut batch, event);
         if batch.len() >= BATCH {
             write(&db, &mut batch).await;
         }
@@ -209,4 +313,44 @@ pub fn spawn_pruner(state: std::sync::Weak<crate::state::AppState>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
+
+    use super::*;
+
+    async fn database() -> (DatabaseConnection, tempfile::TempDir) {
+        use migration::MigratorTrait as _;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("audit.db").display());
+        let db = sea_orm::Database::connect(url).await.unwrap();
+        migration::Migrator::up(&db, None).await.unwrap();
+        (db, dir)
+    }
+
+    async fn rows(db: &DatabaseConnection, action: &str) -> usize {
+        audit_log::Entity::find().filter(audit_log::Column::Action.eq(action)).all(db).await.unwrap().len()
+    }
+
+    /// The writer cannot run between these calls (one thread, no await): the queue really
+    /// is full of noise when the security event arrives.
+    #[tokio::test]
+    async fn a_queue_full_of_noise_still_takes_a_security_event() {
+        let (db, _dir) = database().await;
+        let (auditor, worker) = Auditor::start(db.clone(), 4);
+        let now = Utc::now();
+        for _ in 0..10 {
+            auditor.record(AuditEvent::new("rate_limited", "login_per_ip", now));
+        }
+        auditor.record(AuditEvent::new("login_success", "success", now));
+        auditor.record(AuditEvent::new("refresh_token_reused", "session_revoked", now));
+        worker.shutdown().await;
+        assert_eq!(rows(&db, "login_success").await, 1);
+        assert_eq!(rows(&db, "refresh_token_reused").await, 1);
+        assert_eq!(rows(&db, "rate_limited").await, 2, "noise gets half of the queue");
+        assert_eq!(auditor.dropped_of(Class::Noise), 8);
+        assert_eq!(auditor.dropped_of(Class::Security), 0);
+    }
 }

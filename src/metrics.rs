@@ -35,6 +35,11 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DependencyLabels {
     dependency: String,
 }
@@ -51,7 +56,7 @@ pub struct Metrics {
     logins: Family<OutcomeLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
     audit_depth: Gauge,
-    audit_dropped: Gauge,
+    audit_dropped: Family<ClassLabels, Gauge>,
     dependency_errors: Family<DependencyLabels, Counter>,
     dependency_latency: Family<DependencyLabels, Histogram, fn() -> Histogram>,
 }
@@ -77,7 +82,11 @@ impl Metrics {
         let logins = Family::<OutcomeLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
         let audit_depth = Gauge::default();
-        let audit_dropped = Gauge::default();
+        let audit_dropped = Family::<ClassLabels, Gauge>::default();
+        // A fixed label set, present from the start.
+        for class in crate::audit::Class::ALL {
+            let _ = audit_dropped.get_or_create(&ClassLabels { class: class.as_str() });
+        }
         let dependency_errors = Family::<DependencyLabels, Counter>::default();
         let dependency_latency =
             Family::<DependencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
@@ -96,7 +105,7 @@ impl Metrics {
         registry.register("audit_queue_depth", "Audit events waiting to be written", audit_depth.clone());
         registry.register(
             "audit_events_dropped",
-            "Audit events dropped because the queue was full",
+            "Audit events dropped because their share of the queue was full, by class (security, noise)",
             audit_dropped.clone(),
         );
         registry.register("dependency_errors", "Failed calls to SQL or Redis", dependency_errors.clone());
@@ -145,7 +154,10 @@ impl Metrics {
     /// The text exposition, with the audit queue's figures read at scrape time.
     pub fn encode(&self, audit: &crate::audit::Auditor) -> String {
         self.audit_depth.set(i64::try_from(audit.depth()).unwrap_or(i64::MAX));
-        self.audit_dropped.set(i64::try_from(audit.dropped()).unwrap_or(i64::MAX));
+        for class in crate::audit::Class::ALL {
+            let dropped = i64::try_from(audit.dropped_of(class)).unwrap_or(i64::MAX);
+            self.audit_dropped.get_or_create(&ClassLabels { class: class.as_str() }).set(dropped);
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             tracing::error!("encoding metrics failed");
