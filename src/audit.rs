@@ -6,10 +6,16 @@
 //! Events come in two classes (issue 14: a flood of refusals crowded out the events that
 //! matter). `Noise`, the refusals anyone can cause at will, may fill at most half of the
 //! channel; the other half is reserved for `Security` events, which noise can never take.
+//!
+//! Floods are written once: for each key (a limit and its bucket, say `login_per_ip:<ip>`)
+//! only the first refusal in a `FLOOD_WINDOW` becomes a row. The others are only counted,
+//! and their number is written in one summary row when the window closes: by the key's
+//! next refusal, by the sweep every `SWEEP_EVERY`, or at shutdown, whichever comes first.
 
+use std::hash::BuildHasher as _;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,10 +24,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::clock::Clock;
 use crate::store::entity::audit_log;
 
 const BATCH: usize = 100;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// One row per key and window; the rest of the window's refusals are counted.
+const FLOOD_WINDOW: Duration = Duration::from_secs(60);
+/// Keys whose windows are remembered. Past that, quick_cache forgets the coldest first, so
+/// a stream of one-off strangers does not push out a key that keeps coming back.
+const FLOOD_KEYS: usize = 4096;
+/// How often windows that closed without a further refusal get their summary row.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// One audited action. `detail` is small and never holds a secret.
 #[derive(Clone, Debug)]
@@ -94,11 +108,106 @@ impl Class {
     }
 }
 
+/// What became of a refusal handed to `Auditor::record_refusal`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Flood {
+    /// The first of its key in this window: queued to be written.
+    Recorded,
+    /// A repeat within the window: counted, to be written in the window's summary.
+    Suppressed,
+}
+
 /// The sending side, cloned into the application state.
 #[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<AuditEvent>,
     shared: Arc<Shared>,
+}
+
+/// One key's current window.
+struct Window {
+    /// The refusal that opened it; the summary repeats its action, outcome and client.
+    first: AuditEvent,
+    suppressed: u64,
+}
+
+impl Window {
+    fn end(&self) -> DateTime<Utc> {
+        self.first.at + chrono::Duration::from_std(FLOOD_WINDOW).unwrap_or(chrono::Duration::MAX)
+    }
+
+    /// The row that writes what was counted, dated `at`; once.
+    fn summary(&mut self, at: DateTime<Utc>) -> Option<AuditEvent> {
+        if self.suppressed == 0 {
+            return None;
+        }
+        let mut row = self.first.clone();
+        row.at = at;
+        row.detail = Some(serde_json::json!({
+            "suppressed": std::mem::take(&mut self.suppressed),
+            "since": self.first.at.to_rfc3339(),
+        }));
+        Some(row)
+    }
+}
+
+/// What to do with a refusal.
+#[derive(Debug)]
+enum Admit {
+    Suppressed,
+    /// Write `event`, after the summary of the key's previous window if it had repeats.
+    Write {
+        summary: Option<Box<AuditEvent>>,
+        event: AuditEvent,
+    },
+}
+
+/// The windows of the keys seen lately: a fixed-capacity map, O(1) per refusal. Keys are
+/// stored hashed (with a per-process random seed, so nobody can aim a collision), which
+/// keeps every entry small whatever the key, and keeps emails out of memory dumps.
+struct Floods {
+    windows: quick_cache::sync::Cache<u64, Arc<Mutex<Option<Window>>>>,
+    seed: std::hash::RandomState,
+}
+
+impl Floods {
+    fn new(capacity: usize) -> Self {
+        Self { windows: quick_cache::sync::Cache::new(capacity), seed: std::hash::RandomState::new() }
+    }
+
+    fn admit(&self, key: &str, event: AuditEvent) -> Admit {
+        let id = self.seed.hash_one(key);
+        let Ok(window) = self
+            .windows
+            .get_or_insert_with(&id, || Ok::<_, std::convert::Infallible>(Arc::new(Mutex::new(None))));
+        let mut window = window.lock().unwrap_or_else(PoisonError::into_inner);
+        // A clock that went back counts as the same window.
+        if let Some(open) = window.as_mut().filter(|w| event.at < w.end()) {
+            open.suppressed += 1;
+            return Admit::Suppressed;
+        }
+        let summary = window.as_mut().and_then(|closed| {
+            let end = closed.end();
+            closed.summary(end).map(Box::new)
+        });
+        *window = Some(Window { first: event.clone(), suppressed: 0 });
+        Admit::Write { summary, event }
+    }
+
+    /// Summaries of the windows closed by `now` (or of every window, at shutdown).
+    fn sweep(&self, now: DateTime<Utc>, all: bool) -> Vec<AuditEvent> {
+        let mut rows = Vec::new();
+        for (_, window) in self.windows.iter() {
+            let mut window = window.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(w) = window.as_mut() else { continue };
+            let end = w.end();
+            if all || now >= end {
+                rows.extend(w.summary(now.min(end)));
+            }
+        }
+        rows
+    }
 }
 
 /// What the senders and the writer share.
@@ -108,6 +217,7 @@ struct Shared {
     noise_share: usize,
     /// Dropped events since start, by `Class::index`.
     dropped: [AtomicU64; 2],
+    floods: Floods,
 }
 
 impl Shared {
@@ -129,25 +239,56 @@ impl Shared {
     }
 }
 
-/// The worker's handle: `shutdown` drains the queue into SQL and waits for it.
+/// The worker's handle: `shutdown` writes the open windows' counts, drains the queue into
+/// SQL and waits for it.
 pub struct AuditWorker {
+    auditor: Auditor,
+    clock: Clock,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
 }
 
 impl Auditor {
     /// `capacity` events may wait (at least 1); noise may take at most `capacity / 2` of them.
-    pub fn start(db: DatabaseConnection, capacity: usize) -> (Self, AuditWorker) {
+    /// `clock` closes the flood windows.
+    pub fn start(db: DatabaseConnection, capacity: usize, clock: Clock) -> (Self, AuditWorker) {
         let capacity = capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);
         let shared = Arc::new(Shared {
             noise_queued: AtomicUsize::new(0),
             noise_share: capacity / 2,
             dropped: [AtomicU64::new(0), AtomicU64::new(0)],
+            floods: Floods::new(FLOOD_KEYS),
         });
+        let auditor = Self { tx, shared: Arc::clone(&shared) };
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(db, rx, Arc::clone(&shared), stopped));
-        (Self { tx, shared }, AuditWorker { stop, task })
+        let task = tokio::spawn(run(db, rx, shared, stopped.clone()));
+        let sweeper = tokio::spawn(sweep_every(auditor.clone(), clock.clone(), stopped));
+        (auditor.clone(), AuditWorker { auditor, clock, stop, task, sweeper })
+    }
+
+    /// Records a refusal under the flood rule: the first for `key` in its window is queued,
+    /// the rest are counted and written as one summary row when the window closes. `key`
+    /// names the limit and its bucket (`login_per_ip:<ip>`); it is never written anywhere.
+    pub fn record_refusal(&self, key: &str, event: AuditEvent) -> Flood {
+        match self.shared.floods.admit(key, event) {
+            Admit::Suppressed => Flood::Suppressed,
+            Admit::Write { summary, event } => {
+                if let Some(summary) = summary {
+                    self.record(*summary);
+                }
+                self.record(event);
+                Flood::Recorded
+            }
+        }
+    }
+
+    /// Queues the summaries of the windows closed by `now` (of every window if `all`).
+    fn sweep(&self, now: DateTime<Utc>, all: bool) {
+        for row in self.shared.floods.sweep(now, all) {
+            self.record(row);
+        }
     }
 
     pub fn record(&self, event: AuditEvent) {
@@ -168,7 +309,7 @@ impl Auditor {
     fn dropped(&self, event: &AuditEvent, class: Class, message: &'static str) {
         let total = self.shared.dropped[class.index()].fetch_add(1, Ordering::Relaxed) + 1;
         // Every lost security event is logged; noise, which comes in floods, only now and then.
-        if class == Class::Security || total == 1 || total % 1000 == 0 {
+        if class == Class::Security || total == 1 || total.is_multiple_of(1000) {
             tracing::warn!(
                 action = event.action,
                 outcome = event.outcome,
@@ -184,11 +325,6 @@ impl Auditor {
         self.shared.dropped[class.index()].load(Ordering::Relaxed)
     }
 
-    /// Events dropped since start, of either class.
-    pub fn dropped_total(&self) -> u64 {
-        Class::ALL.iter().map(|c| self.dropped_of(*c)).sum()
-    }
-
     /// Events waiting to be written.
     pub fn depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -197,8 +333,26 @@ impl Auditor {
 
 impl AuditWorker {
     pub async fn shutdown(self) {
+        // The sweeper stops first (it never stops inside a sweep: a sweep has no await), so
+        // that nothing is queued after the writer's last drain.
+        self.sweeper.abort();
+        let _ = self.sweeper.await;
+        // Counts of windows still open would be lost with the process: write them now.
+        self.auditor.sweep(self.clock.now(), true);
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// Until the worker's handle stops it or is dropped.
+async fn sweep_every(auditor: Auditor, clock: Clock, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => auditor.sweep(clock.now(), false),
+            _ = stopped.changed() => return,
+        }
     }
 }
 
@@ -339,7 +493,7 @@ mod tests {
     #[tokio::test]
     async fn a_queue_full_of_noise_still_takes_a_security_event() {
         let (db, _dir) = database().await;
-        let (auditor, worker) = Auditor::start(db.clone(), 4);
+        let (auditor, worker) = Auditor::start(db.clone(), 4, Clock::system());
         let now = Utc::now();
         for _ in 0..10 {
             auditor.record(AuditEvent::new("rate_limited", "login_per_ip", now));
@@ -352,5 +506,112 @@ mod tests {
         assert_eq!(rows(&db, "rate_limited").await, 2, "noise gets half of the queue");
         assert_eq!(auditor.dropped_of(Class::Noise), 8);
         assert_eq!(auditor.dropped_of(Class::Security), 0);
+    }
+
+    fn refusal(at: DateTime<Utc>, ip: &str) -> AuditEvent {
+        let mut event = AuditEvent::new("rate_limited", "login_per_ip", at);
+        event.ip = ip.parse().ok();
+        event
+    }
+
+    fn secs(n: i64) -> chrono::Duration {
+        chrono::Duration::seconds(n)
+    }
+
+    #[test]
+    fn the_first_refusal_per_key_and_window_is_written_the_rest_are_counted() {
+        let floods = Floods::new(16);
+        let t0 = Utc::now();
+        let Admit::Write { summary: None, event } =
+            floods.admit("login_per_ip:192.0.2.1", refusal(t0, "192.0.2.1"))
+        else {
+            panic!("the first refusal is written")
+        };
+        assert_eq!(event.at, t0);
+        for i in 1..=41 {
+            let at = t0 + chrono::Duration::milliseconds(i * 1000);
+            assert!(matches!(
+                floods.admit("login_per_ip:192.0.2.1", refusal(at, "192.0.2.1")),
+                Admit::Suppressed
+            ));
+        }
+        // Another key has a window of its own.
+        assert!(matches!(
+            floods.admit("login_per_ip:192.0.2.2", refusal(t0 + secs(5), "192.0.2.2")),
+            Admit::Write { summary: None, .. }
+        ));
+        // The next refusal after the window writes the count, then itself.
+        let Admit::Write { summary: Some(summary), event } =
+            floods.admit("login_per_ip:192.0.2.1", refusal(t0 + secs(61), "192.0.2.1"))
+        else {
+            panic!("a new window")
+        };
+        assert_eq!(summary.action, "rate_limited");
+        assert_eq!(summary.outcome, "login_per_ip");
+        assert_eq!(summary.ip, "192.0.2.1".parse().ok());
+        assert_eq!(summary.at, t0 + secs(60), "dated at the window's end");
+        assert_eq!(summary.detail.as_ref().and_then(|d| d["suppressed"].as_u64()), Some(41));
+        assert_eq!(summary.detail.as_ref().and_then(|d| d["since"].as_str()), Some(t0.to_rfc3339().as_str()));
+        assert!(event.detail.is_none());
+        assert_eq!(event.at, t0 + secs(61));
+    }
+
+    #[test]
+    fn a_sweep_writes_the_count_of_closed_windows_once() {
+        let floods = Floods::new(16);
+        let t0 = Utc::now();
+        let key = "login_per_account:someone";
+        assert!(matches!(floods.admit(key, refusal(t0, "192.0.2.1")), Admit::Write { .. }));
+        assert!(matches!(floods.admit(key, refusal(t0 + secs(1), "192.0.2.9")), Admit::Suppressed));
+        assert!(floods.sweep(t0 + secs(59), false).is_empty(), "still open");
+        let swept = floods.sweep(t0 + secs(65), false);
+        assert_eq!(swept.len(), 1);
+        assert_eq!(swept[0].detail.as_ref().and_then(|d| d["suppressed"].as_u64()), Some(1));
+        assert_eq!(swept[0].ip, "192.0.2.1".parse().ok(), "the window's first client");
+        assert!(floods.sweep(t0 + secs(70), false).is_empty(), "written once");
+        // After the sweep, the next refusal opens a window without a summary.
+        assert!(matches!(
+            floods.admit(key, refusal(t0 + secs(80), "192.0.2.1")),
+            Admit::Write { summary: None, .. }
+        ));
+        // At shutdown, open windows are written too.
+        assert!(matches!(floods.admit(key, refusal(t0 + secs(81), "192.0.2.1")), Admit::Suppressed));
+        let swept = floods.sweep(t0 + secs(90), true);
+        assert_eq!(swept.len(), 1);
+        assert_eq!(swept[0].at, t0 + secs(90));
+    }
+
+    #[test]
+    fn strangers_cannot_grow_the_window_map() {
+        let floods = Floods::new(64);
+        let t0 = Utc::now();
+        for i in 0..10_000u32 {
+            let ip = std::net::Ipv4Addr::from(i).to_string();
+            let _ = floods.admit(&format!("login_per_ip:{ip}"), refusal(t0, &ip));
+        }
+        assert!(floods.windows.len() <= 64 + 64 / 4, "{}", floods.windows.len());
+    }
+
+    /// An auditor's refusals: written once, counted, the count written when the window closes.
+    #[tokio::test]
+    async fn repeated_refusals_leave_one_row_and_a_summary() {
+        let (db, _dir) = database().await;
+        let clock = Clock::system();
+        let (auditor, worker) = Auditor::start(db.clone(), 100, clock.clone());
+        let t0 = clock.now();
+        let mut suppressed = 0;
+        for i in 0..500 {
+            let at = t0 + chrono::Duration::milliseconds(i * 10);
+            if auditor.record_refusal("login_per_ip:192.0.2.1", refusal(at, "192.0.2.1")) == Flood::Suppressed
+            {
+                suppressed += 1;
+            }
+        }
+        assert_eq!(suppressed, 499);
+        worker.shutdown().await;
+        let rows = audit_log::Entity::find().all(&db).await.unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let counted: u64 = rows.iter().filter_map(|r| r.detail.as_ref()?.get("suppressed")?.as_u64()).sum();
+        assert_eq!(counted, 499, "the open window is written at shutdown");
     }
 }

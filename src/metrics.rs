@@ -35,6 +35,11 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
     class: &'static str,
 }
@@ -57,6 +62,7 @@ pub struct Metrics {
     rate_limited: Family<LimitLabels, Counter>,
     audit_depth: Gauge,
     audit_dropped: Family<ClassLabels, Gauge>,
+    audit_suppressed: Family<ActionLabels, Counter>,
     dependency_errors: Family<DependencyLabels, Counter>,
     dependency_latency: Family<DependencyLabels, Histogram, fn() -> Histogram>,
 }
@@ -87,6 +93,9 @@ impl Metrics {
         for class in crate::audit::Class::ALL {
             let _ = audit_dropped.get_or_create(&ClassLabels { class: class.as_str() });
         }
+        // Only refusals are audited under the flood rule; action names are code, never input.
+        let audit_suppressed = Family::<ActionLabels, Counter>::default();
+        let _ = audit_suppressed.get_or_create(&ActionLabels { action: "rate_limited" });
         let dependency_errors = Family::<DependencyLabels, Counter>::default();
         let dependency_latency =
             Family::<DependencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
@@ -108,6 +117,11 @@ impl Metrics {
             "Audit events dropped because their share of the queue was full, by class (security, noise)",
             audit_dropped.clone(),
         );
+        registry.register(
+            "audit_suppressed",
+            "Refusals not written one by one (a repeat within the key's audit window), by action",
+            audit_suppressed.clone(),
+        );
         registry.register("dependency_errors", "Failed calls to SQL or Redis", dependency_errors.clone());
         registry.register(
             "dependency_duration_seconds",
@@ -122,6 +136,7 @@ impl Metrics {
             rate_limited,
             audit_depth,
             audit_dropped,
+            audit_suppressed,
             dependency_errors,
             dependency_latency,
         }
@@ -141,6 +156,11 @@ impl Metrics {
 
     pub fn rate_limited(&self, limit: &str) {
         self.rate_limited.get_or_create(&LimitLabels { limit: limit.to_owned() }).inc();
+    }
+
+    /// A refusal counted instead of written (the audit log's flood rule).
+    pub fn audit_suppressed(&self, action: &'static str) {
+        self.audit_suppressed.get_or_create(&ActionLabels { action }).inc();
     }
 
     pub fn dependency(&self, dependency: &str, elapsed: Duration, ok: bool) {
