@@ -35,6 +35,16 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DependencyLabels {
     dependency: String,
 }
@@ -51,7 +61,8 @@ pub struct Metrics {
     logins: Family<OutcomeLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
     audit_depth: Gauge,
-    audit_dropped: Gauge,
+    audit_dropped: Family<ClassLabels, Gauge>,
+    audit_suppressed: Family<ActionLabels, Counter>,
     dependency_errors: Family<DependencyLabels, Counter>,
     dependency_latency: Family<DependencyLabels, Histogram, fn() -> Histogram>,
 }
@@ -77,7 +88,14 @@ impl Metrics {
         let logins = Family::<OutcomeLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
         let audit_depth = Gauge::default();
-        let audit_dropped = Gauge::default();
+        let audit_dropped = Family::<ClassLabels, Gauge>::default();
+        // A fixed label set, present from the start.
+        for class in crate::audit::Class::ALL {
+            let _ = audit_dropped.get_or_create(&ClassLabels { class: class.as_str() });
+        }
+        // Only refusals are audited under the flood rule; action names are code, never input.
+        let audit_suppressed = Family::<ActionLabels, Counter>::default();
+        let _ = audit_suppressed.get_or_create(&ActionLabels { action: "rate_limited" });
         let dependency_errors = Family::<DependencyLabels, Counter>::default();
         let dependency_latency =
             Family::<DependencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
@@ -96,8 +114,13 @@ impl Metrics {
         registry.register("audit_queue_depth", "Audit events waiting to be written", audit_depth.clone());
         registry.register(
             "audit_events_dropped",
-            "Audit events dropped because the queue was full",
+            "Audit events dropped because their share of the queue was full, by class (security, noise)",
             audit_dropped.clone(),
+        );
+        registry.register(
+            "audit_suppressed",
+            "Refusals not written one by one (a repeat within the key's audit window), by action",
+            audit_suppressed.clone(),
         );
         registry.register("dependency_errors", "Failed calls to SQL or Redis", dependency_errors.clone());
         registry.register(
@@ -113,6 +136,7 @@ impl Metrics {
             rate_limited,
             audit_depth,
             audit_dropped,
+            audit_suppressed,
             dependency_errors,
             dependency_latency,
         }
@@ -134,6 +158,11 @@ impl Metrics {
         self.rate_limited.get_or_create(&LimitLabels { limit: limit.to_owned() }).inc();
     }
 
+    /// A refusal counted instead of written (the audit log's flood rule).
+    pub fn audit_suppressed(&self, action: &'static str) {
+        self.audit_suppressed.get_or_create(&ActionLabels { action }).inc();
+    }
+
     pub fn dependency(&self, dependency: &str, elapsed: Duration, ok: bool) {
         let labels = DependencyLabels { dependency: dependency.to_owned() };
         self.dependency_latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
@@ -145,7 +174,10 @@ impl Metrics {
     /// The text exposition, with the audit queue's figures read at scrape time.
     pub fn encode(&self, audit: &crate::audit::Auditor) -> String {
         self.audit_depth.set(i64::try_from(audit.depth()).unwrap_or(i64::MAX));
-        self.audit_dropped.set(i64::try_from(audit.dropped()).unwrap_or(i64::MAX));
+        for class in crate::audit::Class::ALL {
+            let dropped = i64::try_from(audit.dropped_of(class)).unwrap_or(i64::MAX);
+            self.audit_dropped.get_or_create(&ClassLabels { class: class.as_str() }).set(dropped);
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             tracing::error!("encoding metrics failed");

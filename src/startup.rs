@@ -129,7 +129,7 @@ impl Application {
             None => None,
         };
 
-        let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity);
+        let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity, clock.clone());
         let profiles = profile_reads(&config, &db, &metrics);
         let state = Arc::new(AppState {
             config,

@@ -1,7 +1,7 @@
 //! Charging the rate limits of SPEC and the login cool-down. Every limit answers the
 //! same 429 body, so a 429 never tells whether an account exists.
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Flood};
 use crate::config::Rate;
 use crate::error::{ApiError, ErrorCode};
 use crate::rate_limit::Decision;
@@ -42,12 +42,24 @@ fn bucket(limit: Limit, key: &str) -> String {
     format!("{}:{key}", limit.as_str())
 }
 
-fn limited(state: &AppState, limit: Limit, retry_after_secs: u64, client: &ClientInfo) -> ApiError {
+/// Counts the refusal and audits it under the flood rule (`audit::Auditor::record_refusal`):
+/// one row per limit and bucket key a minute, the others counted.
+fn limited(
+    state: &AppState,
+    limit: Limit,
+    key: &str,
+    retry_after_secs: u64,
+    client: &ClientInfo,
+) -> ApiError {
     state.metrics.rate_limited(limit.as_str());
     if matches!(limit, Limit::LoginPerIp | Limit::LoginPerAccount | Limit::LoginCooldown) {
         state.metrics.login("rate_limited");
     }
-    state.audit.record(AuditEvent::new("rate_limited", limit.as_str(), state.clock.now()).client(client));
+    let event = AuditEvent::new("rate_limited", limit.as_str(), state.clock.now()).client(client);
+    let action = event.action;
+    if state.audit.record_refusal(&bucket(limit, key), event) == Flood::Suppressed {
+        state.metrics.audit_suppressed(action);
+    }
     ApiError::new(ErrorCode::RateLimited, "Too many attempts; try again later.")
         .with_retry_after(retry_after_secs)
 }
@@ -63,7 +75,7 @@ pub async fn charge(
     let decision = state.limits.take(&bucket(limit, key), rate, state.clock.now().timestamp_millis()).await?;
     match decision.retry_after_secs() {
         None => Ok(()),
-        Some(secs) => Err(limited(state, limit, secs, client)),
+        Some(secs) => Err(limited(state, limit, key, secs, client)),
     }
 }
 
@@ -86,11 +98,13 @@ pub async fn admit_login(
     device: Option<uuid::Uuid>,
     client: &ClientInfo,
 ) -> Result<LoginJudge, ApiError> {
-    let ip_bucket = bucket(Limit::LoginPerIp, &ip_key(client));
-    let (account_bucket, failures_key) = match device {
-        Some(device) => (bucket(Limit::LoginPerAccount, &format!("dev:{device}")), format!("dev:{device}")),
-        None => (bucket(Limit::LoginPerAccount, account), format!("{account}|{}", ip_key(client))),
+    let ip = ip_key(client);
+    let ip_bucket = bucket(Limit::LoginPerIp, &ip);
+    let (account_key, failures_key) = match device {
+        Some(device) => (format!("dev:{device}"), format!("dev:{device}")),
+        None => (account.to_owned(), format!("{account}|{ip}")),
     };
+    let account_bucket = bucket(Limit::LoginPerAccount, &account_key);
     let budgets = LoginBudgets {
         ip_bucket: &ip_bucket,
         ip_rate: state.config.rate_limit_login_per_ip,
@@ -101,13 +115,13 @@ pub async fn admit_login(
     match state.limits.admit_login(&budgets, state.clock.now().timestamp_millis()).await? {
         Admission::Admitted { failures } => Ok(LoginJudge { failures_key, failures }),
         Admission::Refused { by, retry_after_ms } => {
-            let limit = match by {
-                Refusal::IpBudget => Limit::LoginPerIp,
-                Refusal::AccountBudget => Limit::LoginPerAccount,
-                Refusal::Cooldown => Limit::LoginCooldown,
+            let (limit, key) = match by {
+                Refusal::IpBudget => (Limit::LoginPerIp, ip.as_str()),
+                Refusal::AccountBudget => (Limit::LoginPerAccount, account_key.as_str()),
+                Refusal::Cooldown => (Limit::LoginCooldown, failures_key.as_str()),
             };
             let secs = Decision::Denied { retry_after_ms }.retry_after_secs().unwrap_or(1);
-            Err(limited(state, limit, secs, client))
+            Err(limited(state, limit, key, secs, client))
         }
     }
 }

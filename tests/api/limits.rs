@@ -206,3 +206,79 @@ async fn rate_limited_requests_are_audited() {
         .await
     );
 }
+
+/// Issue 14: one client wrote 43,000 `rate_limited` rows in 10 s, and security events were
+/// dropped beside them. Now the first refusal per limit and key in a window is written, the
+/// rest are counted (a metric, then one summary row when the window closes), and a login
+/// that succeeds during the flood is in SQL.
+#[tokio::test]
+async fn a_client_hammering_login_leaves_a_handful_of_audit_rows_and_a_success_still_lands() {
+    use futures_util::StreamExt as _;
+    use latchkey::store::entity::audit_log;
+    use sea_orm::EntityTrait as _;
+
+    let app = TestApp::spawn_with(
+        Backend::Postgres,
+        Store::Redis,
+        &[("RATE_LIMIT_LOGIN_PER_IP", "5/1m"), ("TRUSTED_PROXIES", "127.0.0.1")],
+    )
+    .await;
+    assert_eq!(app.register("good@example.com", PASSWORD).await.status(), StatusCode::CREATED);
+    let attacker = "198.51.100.66";
+    let flood = futures_util::stream::iter(0..600)
+        .map(|i| {
+            let app = &app;
+            async move { login_from(app, &format!("flood{i}@example.com"), "wrong password", attacker).await }
+        })
+        .buffer_unordered(16)
+        .map(|resp| resp.status())
+        .collect::<Vec<_>>();
+    let honest = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        login_from(&app, "good@example.com", PASSWORD, "198.51.100.77").await.status()
+    };
+    let (statuses, honest) = tokio::join!(flood, honest);
+    assert_eq!(honest, StatusCode::OK);
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(), 5);
+    let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!(refused, 595);
+
+    let rows = || async { audit_log::Entity::find().all(&app.state.db).await.unwrap() };
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(5), || async {
+            rows()
+                .await
+                .iter()
+                .any(|r| r.action == "login_success" && r.ip_address.as_deref() == Some("198.51.100.77"))
+        })
+        .await,
+        "the success during the flood is in SQL"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await; // one more flush
+    let limited: Vec<_> = rows().await.into_iter().filter(|r| r.action == "rate_limited").collect();
+    assert!((1..=3).contains(&limited.len()), "{} rate_limited rows", limited.len());
+    assert!(limited.iter().all(|r| r.ip_address.as_deref() == Some(attacker)));
+
+    // What was not written is counted: in the metric at once, in SQL when the window closes.
+    let suppressed = crate::ops::value(
+        &crate::ops::scrape(&app).await,
+        r#"latchkey_audit_suppressed_total{action="rate_limited"}"#,
+    );
+    let written = |rows: &[audit_log::Model]| {
+        let refusals = rows.iter().filter(|r| r.detail.is_none()).count() as u64;
+        let counted: u64 = rows.iter().filter_map(|r| r.detail.as_ref()?.get("suppressed")?.as_u64()).sum();
+        (refusals, counted)
+    };
+    let (refusals, _) = written(&limited);
+    assert_eq!(refusals + suppressed as u64, 595, "every refusal is either a row or counted");
+    app.clock.advance(Duration::from_secs(61));
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(10), || async {
+            let limited: Vec<_> = rows().await.into_iter().filter(|r| r.action == "rate_limited").collect();
+            let (refusals, counted) = written(&limited);
+            refusals + counted == 595
+        })
+        .await,
+        "a summary row carries the suppressed count once the window closes"
+    );
+}
