@@ -335,11 +335,12 @@ async fn limit_body<E: Endpoint>(
     Ok(ep.call(req).await?.into_response())
 }
 
-/// Counts and times every request by operation (the OpenAPI operation id, so paths with
-/// ids do not explode the label set).
+/// Counts and times every request by operation. Every label comes from a fixed set, so no
+/// client can add series: the OpenAPI operation id (paths with ids do not explode the set),
+/// `docs` or `unmatched`; a method of the fixed list or `other`; the status code.
 async fn observe<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
     let started = std::time::Instant::now();
-    let method = req.method().to_string();
+    let method = crate::metrics::method_label(req.method());
     let state = req.data::<Arc<AppState>>().cloned();
     let docs = req.uri().path().starts_with("/docs") || req.uri().path() == "/openapi.json";
     let result = ep.call(req).await.map(poem::IntoResponse::into_response);
@@ -349,7 +350,7 @@ async fn observe<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response
             Err(err) => (err.data::<OperationId>().map(|o| o.0), err.status()),
         };
         let route = op.unwrap_or(if docs { "docs" } else { "unmatched" });
-        state.metrics.http(route, &method, status.as_u16(), started.elapsed());
+        state.metrics.http(route, method, status.as_u16(), started.elapsed());
     }
     result
 }

@@ -206,3 +206,39 @@ async fn rate_limited_requests_are_audited() {
         .await
     );
 }
+
+// --- Issue 14: abuse resistance. Each test is the attack. ---
+
+async fn scrape_metrics(app: &TestApp) -> String {
+    let url = format!("{}/metrics", app.metrics_address.as_ref().expect("metrics enabled"));
+    app.client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+fn request_series(scrape: &str) -> Vec<&str> {
+    scrape.lines().filter(|l| l.starts_with("latchkey_http_request")).collect()
+}
+
+#[tokio::test]
+async fn invented_methods_and_paths_add_no_metric_series() {
+    let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
+    // One request of each shape the flood will use, so the series they need exist.
+    for (method, path) in [("FOO", "/v1/auth/login"), ("FOO", "/nowhere"), ("GET", "/nowhere")] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        app.client.request(method, app.url(path)).send().await.unwrap();
+    }
+    let before = scrape_metrics(&app).await;
+    for i in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("FOO{i}BAR").as_bytes()).unwrap();
+        let path = if i % 2 == 0 { "/v1/auth/login".to_owned() } else { format!("/nowhere/{i}") };
+        let resp = app.client.request(method, app.url(&path)).send().await.unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+    let after = scrape_metrics(&app).await;
+    assert!(!after.contains("FOO") && !after.contains("nowhere"), "{after}");
+    assert_eq!(request_series(&before).len(), request_series(&after).len(), "{after}");
+    let allowed = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"];
+    for line in request_series(&after).into_iter().filter(|l| l.contains("method=\"")) {
+        let method = line.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap();
+        assert!(allowed.contains(&method), "{line}");
+    }
+}
