@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -128,8 +129,19 @@ impl Application {
 
         let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity);
         let profiles = profile_reads(&config, &db, &metrics);
-        let state =
-            Arc::new(AppState { config, db, store, limits, keys, hasher, clock, audit, metrics, profiles });
+        let state = Arc::new(AppState {
+            config,
+            db,
+            store,
+            limits,
+            keys,
+            hasher,
+            clock,
+            audit,
+            metrics,
+            profiles,
+            warned_untrusted_forwarding: AtomicBool::new(false),
+        });
         sessions::spawn_pruner(Arc::downgrade(&state));
         crate::audit::spawn_pruner(Arc::downgrade(&state));
         spawn_key_refresher(Arc::downgrade(&state));

@@ -1,6 +1,7 @@
 //! What every request can reach: built once by `startup`, shared behind an `Arc`.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
@@ -28,4 +29,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `/v1/users/me`'s reads, folded together under load.
     pub profiles: Batcher<Uuid, Profile>,
+    /// Forwarding headers arrived with no proxy trusted: said once in the log.
+    pub warned_untrusted_forwarding: AtomicBool,
 }

@@ -222,7 +222,7 @@ impl AuthApi {
     ) -> Result<RegisterResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
         let password = Password::new(body.0.password.0)?;
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         let user = auth::register(&state, email, password, &client).await?;
         Ok(RegisterResponse::Created(Json(RegisteredUser {
             id: user.id,
@@ -242,7 +242,7 @@ impl AuthApi {
         req: &Request,
         body: Json<Credentials>,
     ) -> Result<TokenResponse, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         let password = Password::candidate(body.0.password.0)?;
         let tokens = auth::login(&state, &body.0.email, password, &client).await?;
         Ok(cookie_response(&state.config, tokens, true))
@@ -259,7 +259,7 @@ impl AuthApi {
         req: &Request,
         body: Json<RefreshRequest>,
     ) -> Result<TokenResponse, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         let presented = match (body.0.refresh_token, state.config.refresh_token_cookie) {
             (Some(token), _) => token.0,
             (None, true) => {
@@ -290,7 +290,7 @@ impl AuthApi {
         req: &Request,
         auth: BearerAuth,
     ) -> Result<NoContent, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         auth::logout(&state, auth.0.claims.sub, auth.0.claims.sid, &client).await?;
         Ok(if state.config.refresh_token_cookie {
             NoContent::ClearCookie(refresh_cookie("", 0))
@@ -310,7 +310,7 @@ impl AuthApi {
         req: &Request,
         auth: BearerAuth,
     ) -> Result<NoContent, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         auth::logout_all(&state, auth.0.claims.sub, &client).await?;
         Ok(NoContent::Done)
     }

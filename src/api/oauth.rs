@@ -130,7 +130,7 @@ pub struct ClientAuth(pub String);
 
 async fn check_client(req: &Request, basic: Basic) -> poem::Result<String> {
     let state = state(req)?;
-    let client = client_info(req, &state.config.trusted_proxies);
+    let client = client_info(req, state);
     if clients::authenticate(&state.db, &basic.username, &basic.password).await? {
         return Ok(basic.username);
     }
@@ -138,7 +138,7 @@ async fn check_client(req: &Request, basic: Basic) -> poem::Result<String> {
     limit::charge(
         state,
         Limit::ClientAuthFailuresPerIp,
-        &limit::ip_key(&client),
+        &limit::ip_key(state, &client),
         CLIENT_AUTH_FAILURES,
         &client,
     )
@@ -215,7 +215,7 @@ impl OAuthApi {
         let Some(refresh) = body.0.refresh_token.filter(|t| !t.is_empty()) else {
             return Ok(oauth_error("invalid_request", "refresh_token is required."));
         };
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         match auth::refresh(&state, &refresh, &client).await {
             Ok(tokens) => match cookie_response(&state.config, tokens, false) {
                 TokenResponse::Ok(body, cache, pragma, _) => Ok(OAuthTokenResponse::Ok(body, cache, pragma)),

@@ -56,7 +56,7 @@ pub async fn register(
     client: &ClientInfo,
 ) -> Result<user::Model, ApiError> {
     let rate = state.config.rate_limit_register_per_ip;
-    limit::charge(state, Limit::RegisterPerIp, &limit::ip_key(client), rate, client).await?;
+    limit::charge(state, Limit::RegisterPerIp, &limit::ip_key(state, client), rate, client).await?;
     let password_hash = state.hasher.hash(password).await?;
     let now = state.clock.now();
     let created = match users::insert_user(&state.db, &email, password_hash, now).await {
@@ -321,7 +321,7 @@ pub fn judge_reuse(
 
 pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> Result<Tokens, ApiError> {
     let rate = state.config.rate_limit_refresh_per_ip;
-    limit::charge(state, Limit::RefreshPerIp, &limit::ip_key(client), rate, client).await?;
+    limit::charge(state, Limit::RefreshPerIp, &limit::ip_key(state, client), rate, client).await?;
     // A refresh token is 43 base64url characters; anything much longer cannot match.
     if presented.len() > 128 {
         return Err(refresh_refused("The refresh token is not valid."));
