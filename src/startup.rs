@@ -115,7 +115,7 @@ impl Application {
                 );
                 let memory = Arc::new(MemoryStore::new());
                 let limits = Arc::new(MemoryLimits::default());
-                spawn_sweeper(Arc::downgrade(&memory), Arc::downgrade(&limits), clock.clone(), &config);
+                spawn_sweeper(Arc::downgrade(&memory), Arc::downgrade(&limits), clock.clone());
                 (memory, limits)
             }
         };
@@ -248,20 +248,16 @@ async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<(Tcp
 }
 
 /// Frees the in-process stores' expired entries, so memory follows live use.
-fn spawn_sweeper(
-    store: std::sync::Weak<MemoryStore>,
-    limits: std::sync::Weak<MemoryLimits>,
-    clock: Clock,
-    config: &Config,
-) {
-    let memory = config.login_cooldown.memory_ms();
+fn spawn_sweeper(store: std::sync::Weak<MemoryStore>, limits: std::sync::Weak<MemoryLimits>, clock: Clock) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
             let (Some(store), Some(limits)) = (store.upgrade(), limits.upgrade()) else { return };
             store.sweep();
-            limits.sweep(clock.now().timestamp_millis(), memory);
+            // A scan of every shard: off the reactor's threads.
+            let now = clock.now().timestamp_millis();
+            let _ = tokio::task::spawn_blocking(move || limits.sweep(now)).await;
         }
     });
 }

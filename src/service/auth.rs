@@ -90,9 +90,16 @@ pub async fn login(
 
     let now = state.clock.now();
     let account_key = account_key.as_str();
+    // A string that cannot be an account leaves no failure record: counting them would let
+    // anyone fill the limiter's table with cool-downs of made-up names.
+    let email = Email::parse(raw_email).ok();
+    let counts = email.is_some();
     let fail = |user_id: Option<Uuid>| async move {
         state.metrics.login("invalid_credentials");
-        state.limits.record_failure(account_key, state.config.login_cooldown, now.timestamp_millis()).await?;
+        if counts {
+            let now_ms = now.timestamp_millis();
+            state.limits.record_failure(account_key, state.config.login_cooldown, now_ms).await?;
+        }
         let mut event = AuditEvent::new("login_failure", "invalid_credentials", now).client(client);
         if let Some(id) = user_id {
             event = event.user(id);
@@ -101,7 +108,7 @@ pub async fn login(
         Err::<Tokens, ApiError>(invalid_credentials())
     };
     // A malformed email cannot belong to an account: answered like a wrong password.
-    let Ok(email) = Email::parse(raw_email) else { return fail(None).await };
+    let Some(email) = email else { return fail(None).await };
     let found = users::profile_by_email(&state.db, &email).await?;
     // Unknown emails verify against the dummy hash: the same work, the same answer.
     let ok = state.hasher.verify(password, found.as_ref().map(|(u, _)| u.password_hash.as_str())).await?;

@@ -339,3 +339,21 @@ async fn only_the_configured_forwarding_header_is_believed() {
     let hidden = [("forwarded", "for=198.51.100.9, for=_hidden")];
     assert_eq!(session_ip(&fwd, &hidden).await, "127.0.0.1");
 }
+
+both!(malformed_emails_leave_no_failure_record, &[("LOGIN_COOLDOWN_THRESHOLD", "2")]);
+async fn malformed_emails_leave_no_failure_record(app: TestApp) {
+    for _ in 0..4 {
+        // Answered like a wrong password, but a string that cannot be an account never cools down.
+        assert_eq!(app.login("not an email", "whatever").await.status(), StatusCode::UNAUTHORIZED);
+    }
+    if let Some(url) = &app.resources.redis_url {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}cool:*", app.resources.redis_prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+}
