@@ -221,6 +221,9 @@ mod timed_impls {
         async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
             self.time(self.inner.take(key, rate, now_ms)).await
         }
+        async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
+            self.time(self.inner.peek(key, rate, now_ms)).await
+        }
         async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
             self.time(self.inner.admit_login(login, now_ms)).await
         }

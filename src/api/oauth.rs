@@ -131,18 +131,15 @@ pub struct ClientAuth(pub String);
 async fn check_client(req: &Request, basic: Basic) -> poem::Result<String> {
     let state = state(req)?;
     let client = client_info(req, state);
+    let address = limit::ip_key(state, &client);
+    let failures = Limit::ClientAuthFailuresPerIp;
+    // Failed attempts spend a small per-address budget. Once it is spent, every attempt is
+    // refused before the secret is compared: a right guess must look like a wrong one.
+    limit::check(state, failures, &address, CLIENT_AUTH_FAILURES, &client).await?;
     if clients::authenticate(&state.db, &basic.username, &basic.password).await? {
         return Ok(basic.username);
     }
-    // Failed attempts spend a small per-address budget; past it, 429.
-    limit::charge(
-        state,
-        Limit::ClientAuthFailuresPerIp,
-        &limit::ip_key(state, &client),
-        CLIENT_AUTH_FAILURES,
-        &client,
-    )
-    .await?;
+    limit::charge(state, failures, &address, CLIENT_AUTH_FAILURES, &client).await?;
     Err(ApiError::new(ErrorCode::InvalidClient, "Unknown client or wrong secret.").into())
 }
 

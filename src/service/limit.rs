@@ -83,6 +83,22 @@ pub async fn charge(
     }
 }
 
+/// Answers 429 if `limit`'s bucket for `key` has no token left, taking none: for budgets
+/// of failures, which must refuse before the work whose failure they count.
+pub async fn check(
+    state: &AppState,
+    limit: Limit,
+    key: &str,
+    rate: Rate,
+    client: &ClientInfo,
+) -> Result<(), ApiError> {
+    let decision = state.limits.peek(&bucket(limit, key), rate, state.clock.now().timestamp_millis()).await?;
+    match decision.retry_after_secs() {
+        None => Ok(()),
+        Some(secs) => Err(limited(state, limit, secs, client)),
+    }
+}
+
 /// Charges a login attempt to its address's and its account's budgets and checks the
 /// account's cool-down, in one call to the store. Answers whether the account has failed
 /// attempts that a successful login must forget.

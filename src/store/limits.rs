@@ -14,6 +14,8 @@ use crate::store::revocation::StoreError;
 pub trait LimitStore: Send + Sync + 'static {
     /// Takes one token from the bucket `key`.
     async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError>;
+    /// What `take` would decide, taking nothing.
+    async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError>;
     /// A login attempt's three checks in one call (one round trip to Redis): a token from
     /// the address's bucket, then one from the account's, then the account's cool-down.
     /// The first refusal ends it: a refused attempt spends nothing further.
@@ -175,6 +177,22 @@ impl LimitStore for RedisLimits {
         })
     }
 
+    async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
+        let mut conn = self.conn.clone();
+        let (tokens, updated): (Option<f64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.bucket_key(key))
+            .arg("t")
+            .arg("u")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        // The script's arithmetic, in `rate_limit::Bucket`: an absent bucket is full.
+        Ok(match (tokens, updated) {
+            (Some(tokens), Some(updated_ms)) => Bucket { tokens, updated_ms }.peek(rate, now_ms),
+            _ => Decision::Allowed,
+        })
+    }
+
     async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
         let mut conn = self.conn.clone();
         let (check, retry, failures): (i64, i64, i64) = self
@@ -326,6 +344,11 @@ impl LimitStore for MemoryLimits {
         )?;
         // A new key with no room: refused until a cool-down ends and makes some.
         Ok(taken.unwrap_or_else(|Full { retry_after_ms }| Decision::Denied { retry_after_ms }))
+    }
+
+    async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
+        let seen = self.buckets.read(key, |(bucket, _)| bucket.peek(rate, now_ms))?;
+        Ok(seen.unwrap_or(Decision::Allowed))
     }
 
     async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
@@ -520,5 +543,18 @@ mod tests {
             );
         }
         assert_eq!(admit("newcomer", 60_000).await, Admission::Admitted { failures: false });
+    }
+
+    #[tokio::test]
+    async fn peek_takes_nothing() {
+        let store = MemoryLimits::default();
+        let two = secs(2, 60);
+        assert_eq!(store.peek("k", two, 0).await.unwrap(), Decision::Allowed);
+        assert!(store.is_empty(), "peeking at an unknown key creates nothing");
+        store.take("k", two, 0).await.unwrap();
+        assert_eq!(store.peek("k", two, 0).await.unwrap(), Decision::Allowed);
+        store.take("k", two, 0).await.unwrap();
+        assert_eq!(store.peek("k", two, 0).await.unwrap(), Decision::Denied { retry_after_ms: 30_000 });
+        assert_eq!(store.peek("k", two, 30_000).await.unwrap(), Decision::Allowed);
     }
 }

@@ -357,3 +357,28 @@ async fn malformed_emails_leave_no_failure_record(app: TestApp) {
         assert!(keys.is_empty(), "{keys:?}");
     }
 }
+
+both!(a_spent_client_auth_budget_refuses_even_the_right_secret, &[]);
+async fn a_spent_client_auth_budget_refuses_even_the_right_secret(app: TestApp) {
+    let (id, secret) =
+        latchkey::service::clients::create(&app.state.db, "billing", app.clock.now()).await.unwrap();
+    let introspect = |secret: String| {
+        let req = app
+            .client
+            .post(app.url("/oauth/introspect"))
+            .basic_auth(id.clone(), Some(secret))
+            .form(&[("token", "t")]);
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(introspect(secret.clone()).await.status(), StatusCode::OK);
+    // Guessing: ten wrong secrets spend the address's budget of failures.
+    for _ in 0..10 {
+        assert_problem(introspect("guess".into()).await, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    }
+    assert_limited(introspect("guess".into()).await).await;
+    // A guess that happens to be right is refused too while the budget is spent: the refusal
+    // comes before the comparison, so it tells nothing about the secret.
+    assert_limited(introspect(secret.clone()).await).await;
+    app.clock.advance(Duration::from_secs(6));
+    assert_eq!(introspect(secret).await.status(), StatusCode::OK);
+}
