@@ -496,6 +496,79 @@ struct LimiterRun {
     full: Stats,
     full_health: Stats,
     rss_after_kib: u64,
+    /// 7c: the limiter alone, in this process: (empty, full) for takes, then for failures.
+    alone: [(Takes, Takes); 2],
+}
+
+/// New-key takes timed one by one (nanoseconds).
+struct Takes {
+    count: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+impl Takes {
+    fn per_second(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    fn json(&self) -> Value {
+        json!({"takes": self.count, "per_s": self.per_second(), "p50_us": self.hist.value_at_quantile(0.5) as f64 / 1000.0,
+               "p99_us": self.hist.value_at_quantile(0.99) as f64 / 1000.0, "max_us": self.hist.max() as f64 / 1000.0})
+    }
+}
+
+/// What 7c asks of the limiter for each new key.
+#[derive(Clone, Copy)]
+enum LimiterOp {
+    /// A token from a new client's bucket (30 an hour: it stays in use).
+    Take,
+    /// A failed login of a new account (one failure: remembered, not cooling down).
+    Fail,
+}
+
+/// 7c: the server's in-process limiter without HTTP: `op` for `count` new keys from `from`,
+/// each timed, at the given clock time.
+async fn timed_ops(
+    limits: &latchkey::store::limits::MemoryLimits,
+    op: LimiterOp,
+    from: u64,
+    count: u64,
+    now_ms: i64,
+) -> anyhow::Result<Takes> {
+    use latchkey::store::limits::LimitStore as _;
+    let rate = latchkey::config::Rate { capacity: 30, period: Duration::from_secs(3600) };
+    let policy = latchkey::rate_limit::CooldownPolicy { threshold: 5, base_ms: 1_000, max_ms: 300_000 };
+    let keys: Vec<String> = (from..from + count)
+        .map(|i| format!("10.{}.{}.{}@example.com", (i >> 16) & 255, (i >> 8) & 255, i & 255))
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let started = Instant::now();
+    for key in &keys {
+        let t0 = Instant::now();
+        match op {
+            LimiterOp::Take => limits.take(key, rate, now_ms).await.map(drop)?,
+            LimiterOp::Fail => limits.record_failure(key, policy, now_ms).await?,
+        }
+        hist.record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1))?;
+    }
+    Ok(Takes { count, elapsed: started.elapsed(), hist })
+}
+
+/// 7c: for buckets and for failure records, an empty table's new keys, then `offered` keys
+/// in all, then a full table's new keys: [(empty, full) takes, (empty, full) failures].
+async fn limiter_alone(first: u64, offered: u64, last: u64) -> anyhow::Result<[(Takes, Takes); 2]> {
+    let mut out = Vec::new();
+    for op in [LimiterOp::Take, LimiterOp::Fail] {
+        eprintln!("running: 7c. the limiter alone");
+        let limits = latchkey::store::limits::MemoryLimits::default();
+        let empty = timed_ops(&limits, op, 0, first, 0).await?;
+        timed_ops(&limits, op, first, offered - first, 1).await?;
+        let full = timed_ops(&limits, op, offered, last, 2).await?;
+        out.push((empty, full));
+    }
+    let [takes, failures]: [(Takes, Takes); 2] = out.try_into().map_err(|_| anyhow::anyhow!("two runs"))?;
+    Ok([takes, failures])
 }
 
 /// Scenario 7: the in-process limiter (SQLite, no Redis) offered 200,000 keys, which is
@@ -520,13 +593,13 @@ async fn limiter_scenario(opts: &Opts, bin: &Path, dir: &Path) -> anyhow::Result
     let conns = opts.conns;
     let (empty, empty_health) = new_clients("7a. new clients, empty limiter", addr, conns, 0, first).await?;
     let (fill, _) = new_clients("7. filling the limiter", addr, conns, first, offered - first).await?;
-    let (full, full_health) =
-        new_clients("7b. new clients, limiter full (200,000 keys offered)", addr, conns, offered, last)
-            .await?;
+    let name = format!("7b. new clients, limiter full ({offered} keys offered)");
+    let (full, full_health) = new_clients(&name, addr, conns, offered, last).await?;
     let (rss_after_kib, _) = server.rss_kib();
     server.stop();
     let _ = std::fs::remove_file(&db);
-    Ok(LimiterRun { empty, empty_health, fill, full, full_health, rss_after_kib })
+    let alone = limiter_alone(first, offered, last).await?;
+    Ok(LimiterRun { empty, empty_health, fill, full, full_health, rss_after_kib, alone })
 }
 
 impl LimiterRun {
@@ -557,10 +630,27 @@ impl LimiterRun {
             self.full_health.p(0.99),
             self.rss_after_kib as f64 / 1024.0
         );
+        let us = |t: &Takes, q: f64| t.hist.value_at_quantile(q) as f64 / 1000.0;
+        for ((empty, full), what) in
+            self.alone.iter().zip(["take of a new key", "record_failure of a new account"])
+        {
+            println!(
+                "7c. the limiter alone (MemoryLimits::{what}, this process): empty {:.0}/s (p99 {:.1} µs, max \
+                 {:.1} µs), full {:.0}/s (p99 {:.1} µs, max {:.1} µs)",
+                empty.per_second(),
+                us(empty, 0.99),
+                empty.hist.max() as f64 / 1000.0,
+                full.per_second(),
+                us(full, 0.99),
+                full.hist.max() as f64 / 1000.0
+            );
+        }
     }
 
     fn json(&self) -> Value {
-        json!({"scenarios": self.all().map(Stats::json), "rss_after_kib": self.rss_after_kib})
+        json!({"scenarios": self.all().map(Stats::json), "rss_after_kib": self.rss_after_kib,
+               "alone_takes": [self.alone[0].0.json(), self.alone[0].1.json()],
+               "alone_failures": [self.alone[1].0.json(), self.alone[1].1.json()]})
     }
 
     fn errors(&self) -> u64 {
