@@ -86,6 +86,37 @@ impl FromStr for TrustedProxy {
     }
 }
 
+/// The one forwarding header the trusted proxies set (`FORWARDED_HEADER`); the other is
+/// ignored, so a client cannot slip addresses in through the header the proxy leaves alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`
+    XForwardedFor,
+    /// RFC 7239: `Forwarded: for=client, for="[2001:db8::1]:4711"`
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
+}
+
+impl FromStr for ForwardedHeader {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(ForwardedHeader::XForwardedFor),
+            "forwarded" => Ok(ForwardedHeader::Forwarded),
+            _ => Err("expected x-forwarded-for or forwarded".into()),
+        }
+    }
+}
+
 /// A browser origin: `scheme://host[:port]`, or `*`.
 struct Origin(String);
 
@@ -139,6 +170,9 @@ pub struct Config {
     pub rate_limit_register_per_ip: Rate,
     pub rate_limit_refresh_per_ip: Rate,
     pub trusted_proxies: Vec<TrustedProxy>,
+    pub forwarded_header: ForwardedHeader,
+    /// Per-IP budgets count an IPv6 client by its first this-many bits (1..=128).
+    pub rate_limit_ipv6_prefix: u8,
     pub cors_allowed_origins: Vec<String>,
     pub refresh_token_cookie: bool,
     pub login_cooldown: crate::rate_limit::CooldownPolicy,
@@ -226,6 +260,8 @@ impl Config {
             rate_limit_register_per_ip: env.parse("RATE_LIMIT_REGISTER_PER_IP", "10/1m")?,
             rate_limit_refresh_per_ip: env.parse("RATE_LIMIT_REFRESH_PER_IP", "60/1m")?,
             trusted_proxies: env.list("TRUSTED_PROXIES")?,
+            forwarded_header: env.parse("FORWARDED_HEADER", "x-forwarded-for")?,
+            rate_limit_ipv6_prefix: env.parse("RATE_LIMIT_IPV6_PREFIX", "64")?,
             cors_allowed_origins: env
                 .list::<Origin>("CORS_ALLOWED_ORIGINS")?
                 .into_iter()
@@ -354,6 +390,9 @@ impl Config {
                 "must be at least 1 and at least DATABASE_MIN_CONNECTIONS".into(),
             ));
         }
+        if !(1..=128).contains(&self.rate_limit_ipv6_prefix) {
+            return Err(invalid("RATE_LIMIT_IPV6_PREFIX", "must be between 1 and 128".into()));
+        }
         if self.login_cooldown.threshold == 0 {
             return Err(invalid("LOGIN_COOLDOWN_THRESHOLD", "must be at least 1".into()));
         }
@@ -475,6 +514,12 @@ mod tests {
         assert_eq!(c.password_min_strength.score(), 3);
         let lenient = config(&[("PASSWORD_MIN_STRENGTH", "0")]).expect("0 is allowed");
         assert_eq!(lenient.password_min_strength.score(), 0);
+        assert_eq!(c.rate_limit_ipv6_prefix, 64);
+        assert_eq!(c.forwarded_header, ForwardedHeader::XForwardedFor);
+        let c =
+            config(&[("FORWARDED_HEADER", "Forwarded"), ("RATE_LIMIT_IPV6_PREFIX", "128")]).expect("valid");
+        assert_eq!(c.forwarded_header, ForwardedHeader::Forwarded);
+        assert_eq!(c.rate_limit_ipv6_prefix, 128);
     }
 
     #[test]
@@ -493,6 +538,10 @@ mod tests {
             ("HTTP_HEADER_TIMEOUT", "soon"),
             ("PASSWORD_MIN_STRENGTH", "5"),
             ("PASSWORD_MIN_STRENGTH", "strong"),
+            ("RATE_LIMIT_IPV6_PREFIX", "0"),
+            ("RATE_LIMIT_IPV6_PREFIX", "129"),
+            ("RATE_LIMIT_IPV6_PREFIX", "sixty-four"),
+            ("FORWARDED_HEADER", "x-real-ip"),
         ] {
             let err = config(&[(var, value)]).expect_err(var);
             assert_eq!(err.variable, var, "{err}");

@@ -142,7 +142,8 @@ impl Metrics {
         }
     }
 
-    pub fn http(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+    /// `route` and `method` come from fixed sets (see `startup::observe`, `method_label`).
+    pub fn http(&self, route: &'static str, method: &'static str, status: u16, elapsed: Duration) {
         let route = route.to_owned();
         self.requests
             .get_or_create(&RequestLabels { route: route.clone(), method: method.to_owned(), status })
@@ -183,6 +184,22 @@ impl Metrics {
             tracing::error!("encoding metrics failed");
         }
         out
+    }
+}
+
+/// The `method` label: one of the methods the API and CORS use, or `other` (a client may
+/// send any token as a method; each would be a series of its own).
+pub fn method_label(method: &poem::http::Method) -> &'static str {
+    use poem::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     }
 }
 
@@ -241,6 +258,9 @@ mod timed_impls {
         async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
             self.time(self.inner.take(key, rate, now_ms)).await
         }
+        async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
+            self.time(self.inner.peek(key, rate, now_ms)).await
+        }
         async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
             self.time(self.inner.admit_login(login, now_ms)).await
         }
@@ -254,6 +274,23 @@ mod timed_impls {
         }
         async fn clear_failures(&self, account: &str) -> Result<(), StoreError> {
             self.time(self.inner.clear_failures(account)).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use poem::http::Method;
+
+    use super::method_label;
+
+    #[test]
+    fn method_labels_come_from_a_fixed_set() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::OPTIONS), "OPTIONS");
+        for invented in ["FOO123", "get", "PROPFIND", "CONNECT", "TRACE"] {
+            let method = Method::from_bytes(invented.as_bytes()).expect("a token");
+            assert_eq!(method_label(&method), "other", "{invented}");
         }
     }
 }

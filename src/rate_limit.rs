@@ -43,21 +43,36 @@ impl Bucket {
         Self { tokens: f64::from(rate.capacity), updated_ms: now_ms }
     }
 
+    /// The tokens there at `now_ms` (refilled for the time elapsed, at most `capacity`).
+    pub fn tokens_at(&self, rate: Rate, now_ms: i64) -> f64 {
+        let capacity = f64::from(rate.capacity);
+        let elapsed = (now_ms - self.updated_ms).max(0) as f64;
+        (self.tokens + elapsed * capacity / period_ms(rate) as f64).min(capacity)
+    }
+
     /// Refills for the time elapsed since the last update, then takes one token if a
     /// whole one is there.
     pub fn take(&mut self, rate: Rate, now_ms: i64) -> Decision {
-        let capacity = f64::from(rate.capacity);
-        let period = period_ms(rate) as f64;
-        let elapsed = (now_ms - self.updated_ms).max(0) as f64;
-        self.tokens = (self.tokens + elapsed * capacity / period).min(capacity);
+        self.tokens = self.tokens_at(rate, now_ms);
         self.updated_ms = self.updated_ms.max(now_ms);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Decision::Allowed
         } else {
-            let wait = ((1.0 - self.tokens) * period / capacity).ceil();
-            Decision::Denied { retry_after_ms: wait as u64 }
+            Decision::Denied { retry_after_ms: self.wait_ms(rate) }
         }
+    }
+
+    /// What a take would decide, taking nothing.
+    pub fn peek(&self, rate: Rate, now_ms: i64) -> Decision {
+        let mut copy = *self;
+        copy.take(rate, now_ms)
+    }
+
+    /// Milliseconds until a whole token is there (0 when one is).
+    fn wait_ms(&self, rate: Rate) -> u64 {
+        let missing = (1.0 - self.tokens).max(0.0);
+        (missing * period_ms(rate) as f64 / f64::from(rate.capacity)).ceil() as u64
     }
 
     /// An untouched bucket is full again after one period: forgetting it changes nothing.
@@ -151,6 +166,21 @@ mod tests {
         assert_eq!(Decision::Denied { retry_after_ms: 1 }.retry_after_secs(), Some(1));
         assert_eq!(Decision::Denied { retry_after_ms: 1001 }.retry_after_secs(), Some(2));
         assert_eq!(Decision::Allowed.retry_after_secs(), None);
+    }
+
+    #[test]
+    fn peek_tells_what_a_take_would_decide_and_takes_nothing() {
+        let r = rate(2, 60);
+        let mut b = Bucket::full(r, 0);
+        assert_eq!(b.peek(r, 0), Decision::Allowed);
+        b.take(r, 0);
+        b.take(r, 0);
+        let before = b;
+        assert_eq!(b.peek(r, 0), Decision::Denied { retry_after_ms: 30_000 });
+        assert_eq!(b, before);
+        assert_eq!(b.peek(r, 30_000), Decision::Allowed);
+        assert!((b.tokens_at(r, 45_000) - 1.5).abs() < 1e-9);
+        assert!((b.tokens_at(r, 600_000) - 2.0).abs() < 1e-9, "capped at capacity");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -117,7 +118,7 @@ impl Application {
                 );
                 let memory = Arc::new(MemoryStore::new());
                 let limits = Arc::new(MemoryLimits::default());
-                spawn_sweeper(Arc::downgrade(&memory), Arc::downgrade(&limits), clock.clone(), &config);
+                spawn_sweeper(Arc::downgrade(&memory), Arc::downgrade(&limits), clock.clone());
                 (memory, limits)
             }
         };
@@ -144,6 +145,7 @@ impl Application {
             profiles,
             revocations: sessions::Pending::default(),
             devices: crate::service::devices::DeviceKey::new(&device_secret),
+            warned_untrusted_forwarding: AtomicBool::new(false),
         });
         sessions::spawn_pruner(Arc::downgrade(&state));
         sessions::spawn_reconciler(Arc::downgrade(&state));
@@ -256,20 +258,16 @@ async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<(Tcp
 }
 
 /// Frees the in-process stores' expired entries, so memory follows live use.
-fn spawn_sweeper(
-    store: std::sync::Weak<MemoryStore>,
-    limits: std::sync::Weak<MemoryLimits>,
-    clock: Clock,
-    config: &Config,
-) {
-    let memory = config.login_cooldown.memory_ms();
+fn spawn_sweeper(store: std::sync::Weak<MemoryStore>, limits: std::sync::Weak<MemoryLimits>, clock: Clock) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
             let (Some(store), Some(limits)) = (store.upgrade(), limits.upgrade()) else { return };
             store.sweep();
-            limits.sweep(clock.now().timestamp_millis(), memory);
+            // A scan of every shard: off the reactor's threads.
+            let now = clock.now().timestamp_millis();
+            let _ = tokio::task::spawn_blocking(move || limits.sweep(now)).await;
         }
     });
 }
@@ -357,11 +355,12 @@ async fn limit_body<E: Endpoint>(
     Ok(ep.call(req).await?.into_response())
 }
 
-/// Counts and times every request by operation (the OpenAPI operation id, so paths with
-/// ids do not explode the label set).
+/// Counts and times every request by operation. Every label comes from a fixed set, so no
+/// client can add series: the OpenAPI operation id (paths with ids do not explode the set),
+/// `docs` or `unmatched`; a method of the fixed list or `other`; the status code.
 async fn observe<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
     let started = std::time::Instant::now();
-    let method = req.method().to_string();
+    let method = crate::metrics::method_label(req.method());
     let state = req.data::<Arc<AppState>>().cloned();
     let docs = req.uri().path().starts_with("/docs") || req.uri().path() == "/openapi.json";
     let result = ep.call(req).await.map(poem::IntoResponse::into_response);
@@ -371,7 +370,7 @@ async fn observe<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response
             Err(err) => (err.data::<OperationId>().map(|o| o.0), err.status()),
         };
         let route = op.unwrap_or(if docs { "docs" } else { "unmatched" });
-        state.metrics.http(route, &method, status.as_u16(), started.elapsed());
+        state.metrics.http(route, method, status.as_u16(), started.elapsed());
     }
     result
 }

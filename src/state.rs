@@ -1,6 +1,7 @@
 //! What every request can reach: built once by `startup`, shared behind an `Arc`.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
@@ -32,4 +33,6 @@ pub struct AppState {
     pub revocations: crate::service::sessions::Pending,
     /// Signs device tokens (see `service::devices`).
     pub devices: crate::service::devices::DeviceKey,
+    /// Forwarding headers arrived with no proxy trusted: said once in the log.
+    pub warned_untrusted_forwarding: AtomicBool,
 }

@@ -7,14 +7,15 @@
 //! Rate limits are raised through their variables: all load comes from one address.
 //!
 //! `--smoke` runs every scenario for a fraction of a second (CI); `--server PATH` uses a
-//! server binary already built; `--seconds N` sets each scenario's length.
+//! server binary already built; `--seconds N` sets each scenario's length; `--limiter-only`
+//! runs scenario 7 (the in-process limiter holding 200,000 keys) alone.
 #![allow(clippy::print_stdout)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -53,6 +54,10 @@ struct Opts {
     /// (scenario 6's reference), for `--seconds`, then exit.
     #[arg(long, value_name = "PER_SECOND", hide = true)]
     hash_beside: Option<f64>,
+    /// Run only scenario 7: the in-process limiter with 200,000 keys offered (no PostgreSQL or
+    /// Redis needed).
+    #[arg(long)]
+    limiter_only: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -383,6 +388,276 @@ fn spawn_hash_beside(per_second: f64, secs: f64) -> anyhow::Result<Child> {
         .context("starting the reference hashing process")
 }
 
+/// Scenario 7's load: logins from new clients, one address each (`X-Forwarded-For` through
+/// a trusted proxy), so each request makes the in-process limiter store a key it has never
+/// seen. The email is malformed: the answer (401) costs no hashing and no SQL read, only the
+/// limiter's work and an audit event.
+async fn new_client_connection(
+    addr: SocketAddr,
+    next: Arc<AtomicU64>,
+    end: u64,
+) -> anyhow::Result<(u64, u64, Histogram<u64>)> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut n, mut errors) = (0u64, 0u64);
+    let body = Bytes::from(json!({"email": "not an email", "password": PASSWORD}).to_string());
+    'reconnect: loop {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= end {
+                return Ok((n, errors, hist));
+            }
+            let mut req = build("POST", "/v1/auth/login", None, Some(body.clone()))?;
+            let client = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+            req.headers_mut().insert("x-forwarded-for", client.parse()?);
+            let t0 = Instant::now();
+            let resp = match sender.send_request(req).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    errors += 1;
+                    continue 'reconnect;
+                }
+            };
+            let status = resp.status().as_u16();
+            let _ = resp.into_body().collect().await;
+            hist.record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?;
+            n += 1;
+            // 401: answered like a wrong password. Anything else (a 429 from a full table
+            // included) is an error here: this load never fills the table with cool-downs.
+            if status != 401 {
+                errors += 1;
+            }
+        }
+    }
+}
+
+/// `count` logins from new clients `from..from + count` over `conns` connections, with
+/// `GET /health` on two more connections beside them: (new clients, health).
+async fn new_clients(
+    name: &str,
+    addr: SocketAddr,
+    conns: usize,
+    from: u64,
+    count: u64,
+) -> anyhow::Result<(Stats, Stats)> {
+    eprintln!("running: {name}");
+    let next = Arc::new(AtomicU64::new(from));
+    let stop = Arc::new(AtomicBool::new(false));
+    let health_conns = 2;
+    let health: Vec<_> = (0..health_conns)
+        .map(|c| {
+            let work = Work::Get { path: "/health", tokens: Arc::new(Vec::new()) };
+            tokio::spawn(connection(addr, c, health_conns, work, Arc::clone(&stop)))
+        })
+        .collect();
+    let started = Instant::now();
+    let flood: Vec<_> = (0..conns)
+        .map(|_| tokio::spawn(new_client_connection(addr, Arc::clone(&next), from + count)))
+        .collect();
+    let mut clients = Stats {
+        name: name.to_owned(),
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+    };
+    for t in flood {
+        let (n, e, h) = t.await??;
+        clients.requests += n;
+        clients.errors += e;
+        clients.hist.add(h)?;
+    }
+    clients.elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut beside = Stats {
+        name: format!("{name}: GET /health beside"),
+        requests: 0,
+        errors: 0,
+        elapsed: clients.elapsed,
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+    };
+    for t in health {
+        let (n, e, h) = t.await??;
+        beside.requests += n;
+        beside.errors += e;
+        beside.hist.add(h)?;
+    }
+    Ok((clients, beside))
+}
+
+/// Scenario 7's figures.
+struct LimiterRun {
+    empty: Stats,
+    empty_health: Stats,
+    fill: Stats,
+    full: Stats,
+    full_health: Stats,
+    rss_after_kib: u64,
+    /// 7c: the limiter alone, in this process: (empty, full) for takes, then for failures.
+    alone: [(Takes, Takes); 2],
+}
+
+/// New-key takes timed one by one (nanoseconds).
+struct Takes {
+    count: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+impl Takes {
+    fn per_second(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    fn json(&self) -> Value {
+        json!({"takes": self.count, "per_s": self.per_second(), "p50_us": self.hist.value_at_quantile(0.5) as f64 / 1000.0,
+               "p99_us": self.hist.value_at_quantile(0.99) as f64 / 1000.0, "max_us": self.hist.max() as f64 / 1000.0})
+    }
+}
+
+/// What 7c asks of the limiter for each new key.
+#[derive(Clone, Copy)]
+enum LimiterOp {
+    /// A token from a new client's bucket (30 an hour: it stays in use).
+    Take,
+    /// A failed login of a new account (one failure: remembered, not cooling down).
+    Fail,
+}
+
+/// 7c: the server's in-process limiter without HTTP: `op` for `count` new keys from `from`,
+/// each timed, at the given clock time.
+async fn timed_ops(
+    limits: &latchkey::store::limits::MemoryLimits,
+    op: LimiterOp,
+    from: u64,
+    count: u64,
+    now_ms: i64,
+) -> anyhow::Result<Takes> {
+    use latchkey::store::limits::LimitStore as _;
+    let rate = latchkey::config::Rate { capacity: 30, period: Duration::from_secs(3600) };
+    let policy = latchkey::rate_limit::CooldownPolicy { threshold: 5, base_ms: 1_000, max_ms: 300_000 };
+    let keys: Vec<String> = (from..from + count)
+        .map(|i| format!("10.{}.{}.{}@example.com", (i >> 16) & 255, (i >> 8) & 255, i & 255))
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let started = Instant::now();
+    for key in &keys {
+        let t0 = Instant::now();
+        match op {
+            LimiterOp::Take => limits.take(key, rate, now_ms).await.map(drop)?,
+            LimiterOp::Fail => limits.record_failure(key, policy, now_ms).await?,
+        }
+        hist.record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1))?;
+    }
+    Ok(Takes { count, elapsed: started.elapsed(), hist })
+}
+
+/// 7c: for buckets and for failure records, an empty table's new keys, then `offered` keys
+/// in all, then a full table's new keys: [(empty, full) takes, (empty, full) failures].
+async fn limiter_alone(first: u64, offered: u64, last: u64) -> anyhow::Result<[(Takes, Takes); 2]> {
+    let mut out = Vec::new();
+    for op in [LimiterOp::Take, LimiterOp::Fail] {
+        eprintln!("running: 7c. the limiter alone");
+        let limits = latchkey::store::limits::MemoryLimits::default();
+        let empty = timed_ops(&limits, op, 0, first, 0).await?;
+        timed_ops(&limits, op, first, offered - first, 1).await?;
+        let full = timed_ops(&limits, op, offered, last, 2).await?;
+        out.push((empty, full));
+    }
+    let [takes, failures]: [(Takes, Takes); 2] = out.try_into().map_err(|_| anyhow::anyhow!("two runs"))?;
+    Ok([takes, failures])
+}
+
+/// Scenario 7: the in-process limiter (SQLite, no Redis) offered 200,000 keys, which is
+/// past its bound (100,000 buckets), so every new key after that makes room. New clients'
+/// throughput and `/health`'s p99 beside them: with an empty table, while it fills, and
+/// with it full. The per-address login budget is a real one (30 an hour), so the buckets
+/// stay in use (not idle) and each new key evicts a bucket in use.
+async fn limiter_scenario(opts: &Opts, bin: &Path, dir: &Path) -> anyhow::Result<LimiterRun> {
+    let (first, offered, last) = if opts.smoke { (500, 2_000, 500) } else { (20_000, 200_000, 20_000) };
+    let db = dir.join("limiter.db");
+    let env = vec![
+        ("DATABASE_URL".to_owned(), format!("sqlite://{}?mode=rwc", db.display())),
+        ("TRUSTED_PROXIES".to_owned(), "127.0.0.1".to_owned()),
+        ("RATE_LIMIT_LOGIN_PER_IP".to_owned(), "30/1h".to_owned()),
+        ("LOGIN_COOLDOWN_THRESHOLD".to_owned(), "1000000000".to_owned()),
+        // A full audit queue logs each event it drops: not this scenario's subject.
+        ("RUST_LOG".to_owned(), "error".to_owned()),
+    ];
+    let server = Server::spawn(bin, &env, dir)?;
+    server.wait_ready(Instant::now()).await?;
+    let addr = server.addr;
+    let conns = opts.conns;
+    let (empty, empty_health) = new_clients("7a. new clients, empty limiter", addr, conns, 0, first).await?;
+    let (fill, _) = new_clients("7. filling the limiter", addr, conns, first, offered - first).await?;
+    let name = format!("7b. new clients, limiter full ({offered} keys offered)");
+    let (full, full_health) = new_clients(&name, addr, conns, offered, last).await?;
+    let (rss_after_kib, _) = server.rss_kib();
+    server.stop();
+    let _ = std::fs::remove_file(&db);
+    let alone = limiter_alone(first, offered, last).await?;
+    Ok(LimiterRun { empty, empty_health, fill, full, full_health, rss_after_kib, alone })
+}
+
+impl LimiterRun {
+    fn all(&self) -> [&Stats; 5] {
+        [&self.empty, &self.empty_health, &self.fill, &self.full, &self.full_health]
+    }
+
+    fn print(&self) {
+        println!("\n| scenario 7: in-process limiter | req/s | p50 ms | p99 ms | max ms | errors |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for s in self.all() {
+            println!(
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+                s.name,
+                s.rps(),
+                s.p(0.50),
+                s.p(0.99),
+                s.hist.max() as f64 / 1000.0,
+                s.errors
+            );
+        }
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        println!(
+            "new clients, full / empty: {:.2} × the throughput; /health p99 beside them {:.2} ms (empty) and {:.2} \
+             ms (full); server RSS after {:.1} MiB",
+            ratio(self.full.rps(), self.empty.rps()),
+            self.empty_health.p(0.99),
+            self.full_health.p(0.99),
+            self.rss_after_kib as f64 / 1024.0
+        );
+        let us = |t: &Takes, q: f64| t.hist.value_at_quantile(q) as f64 / 1000.0;
+        for ((empty, full), what) in
+            self.alone.iter().zip(["take of a new key", "record_failure of a new account"])
+        {
+            println!(
+                "7c. the limiter alone (MemoryLimits::{what}, this process): empty {:.0}/s (p99 {:.1} µs, max \
+                 {:.1} µs), full {:.0}/s (p99 {:.1} µs, max {:.1} µs)",
+                empty.per_second(),
+                us(empty, 0.99),
+                empty.hist.max() as f64 / 1000.0,
+                full.per_second(),
+                us(full, 0.99),
+                full.hist.max() as f64 / 1000.0
+            );
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"scenarios": self.all().map(Stats::json), "rss_after_kib": self.rss_after_kib,
+               "alone_takes": [self.alone[0].0.json(), self.alone[0].1.json()],
+               "alone_failures": [self.alone[1].0.json(), self.alone[1].1.json()]})
+    }
+
+    fn errors(&self) -> u64 {
+        self.all().iter().map(|s| s.errors).sum()
+    }
+}
+
 struct Seeded {
     emails: Arc<Vec<String>>,
     access: Arc<Vec<String>>,
@@ -505,6 +780,17 @@ async fn main() -> anyhow::Result<()> {
     let bin = server_binary(&opts)?;
     let dir = std::env::temp_dir().join(format!("latchkey-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if opts.limiter_only {
+        let result = limiter_scenario(&opts, &bin, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let run = result?;
+        run.print();
+        let errors = run.errors();
+        if errors > 0 {
+            bail!("{errors} requests failed");
+        }
+        return Ok(());
+    }
     let db_name = format!("lk_bench_{}", std::process::id());
     create_database(&db_name).await?;
     let result = run(&opts, &bin, &dir, &db_name).await;
@@ -636,6 +922,9 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
     .await?;
     local.stop();
 
+    // 7: the in-process limiter holding 200,000 keys.
+    let limiter = limiter_scenario(opts, bin, dir).await?;
+
     let all =
         [&health, &session, &local_session, &me, &refresh, &login, &storm, &under_storm, &under_hashing];
     for s in all {
@@ -648,6 +937,7 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
         println!("| {} | {:.0} | {:.2} | {:.2} | {} |", s.name, s.rps(), s.p(0.50), s.p(0.99), s.errors);
     }
     println!("| argon2id bound ({cores} threads, m=19456 t=2 p=1) | {bound:.1} hashes/s | | | |");
+    limiter.print();
 
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let targets = [
@@ -678,7 +968,7 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
          another process, p99 / idle p99 = {reference:.2}.",
         storm.rps()
     );
-    let errors: u64 = all.iter().map(|s| s.errors).sum();
+    let errors: u64 = all.iter().map(|s| s.errors).sum::<u64>() + limiter.errors();
 
     let out = json!({
         "when": chrono::Utc::now().to_rfc3339(),
@@ -694,6 +984,7 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
         "start_to_ready_ms": start_to_ready.as_secs_f64() * 1000.0,
         "targets": target_json,
         "session_p99_beside_hashing_elsewhere_over_idle": reference,
+        "limiter": limiter.json(),
         "errors": errors,
     });
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;

@@ -278,7 +278,7 @@ impl AuthApi {
     ) -> Result<RegisterResponse, ApiError> {
         let email = Email::parse(&body.0.email)?;
         let password = Password::new(body.0.password.0)?;
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         let user = auth::register(&state, email, password, &client).await?;
         Ok(RegisterResponse::Created(Json(RegisteredUser {
             id: user.id,
@@ -298,7 +298,7 @@ impl AuthApi {
         req: &Request,
         body: Json<LoginRequest>,
     ) -> Result<TokenResponse, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         let password = Password::candidate(body.0.password.0)?;
         let device = match body.0.device_token {
             Some(token) => Some(token.0),
@@ -320,7 +320,7 @@ impl AuthApi {
         req: &Request,
         body: Json<RefreshRequest>,
     ) -> Result<TokenResponse, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         let presented = match (body.0.refresh_token, state.config.refresh_token_cookie) {
             (Some(token), _) => token.0,
             (None, true) => {
@@ -351,7 +351,7 @@ impl AuthApi {
         req: &Request,
         auth: BearerAuth,
     ) -> Result<NoContent, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         auth::logout(&state, auth.0.claims.sub, auth.0.claims.sid, &client).await?;
         Ok(ended(&state.config))
     }
@@ -367,7 +367,7 @@ impl AuthApi {
         req: &Request,
         auth: BearerAuth,
     ) -> Result<NoContent, ApiError> {
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         auth::logout_all(&state, auth.0.claims.sub, &client).await?;
         Ok(ended(&state.config))
     }

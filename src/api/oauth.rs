@@ -131,19 +131,16 @@ pub struct ClientAuth(pub String);
 
 async fn check_client(req: &Request, basic: Basic) -> poem::Result<String> {
     let state = state(req)?;
-    let client = client_info(req, &state.config.trusted_proxies);
+    let client = client_info(req, state);
+    let address = limit::ip_key(state, &client);
+    let failures = Limit::ClientAuthFailuresPerIp;
+    // Failed attempts spend a small per-address budget. Once it is spent, every attempt is
+    // refused before the secret is compared: a right guess must look like a wrong one.
+    limit::check(state, failures, &address, CLIENT_AUTH_FAILURES, &client).await?;
     if clients::authenticate(&state.db, &basic.username, &basic.password).await? {
         return Ok(basic.username);
     }
-    // Failed attempts spend a small per-address budget; past it, 429.
-    limit::charge(
-        state,
-        Limit::ClientAuthFailuresPerIp,
-        &limit::ip_key(&client),
-        CLIENT_AUTH_FAILURES,
-        &client,
-    )
-    .await?;
+    limit::charge(state, failures, &address, CLIENT_AUTH_FAILURES, &client).await?;
     Err(ApiError::new(ErrorCode::InvalidClient, "Unknown client or wrong secret.").into())
 }
 
@@ -216,7 +213,7 @@ impl OAuthApi {
         let Some(refresh) = body.0.refresh_token.filter(|t| !t.is_empty()) else {
             return Ok(oauth_error("invalid_request", "refresh_token is required."));
         };
-        let client = client_info(req, &state.config.trusted_proxies);
+        let client = client_info(req, &state);
         match auth::refresh(&state, &refresh, &client).await {
             Ok(tokens) => match cookie_response(&state.config, tokens, false) {
                 TokenResponse::Ok(body, cache, pragma, ..) => Ok(OAuthTokenResponse::Ok(body, cache, pragma)),

@@ -70,7 +70,7 @@ pub async fn register(
     client: &ClientInfo,
 ) -> Result<user::Model, ApiError> {
     let rate = state.config.rate_limit_register_per_ip;
-    limit::charge(state, Limit::RegisterPerIp, &limit::ip_key(client), rate, client).await?;
+    limit::charge(state, Limit::RegisterPerIp, &limit::ip_key(state, client), rate, client).await?;
     let password = state.hasher.judge(password, &email, state.config.password_min_strength).await??;
     let password_hash = state.hasher.hash(password).await?;
     let now = state.clock.now();
@@ -187,7 +187,7 @@ async fn login_malformed(
     client: &ClientInfo,
 ) -> Result<Tokens, ApiError> {
     let rate = state.config.rate_limit_login_per_ip;
-    limit::charge(state, Limit::LoginPerIp, &limit::ip_key(client), rate, client).await?;
+    limit::charge(state, Limit::LoginPerIp, &limit::ip_key(state, client), rate, client).await?;
     state.hasher.verify(password, None).await?;
     Err(login_failed(state, None, client, state.clock.now()))
 }
@@ -404,7 +404,7 @@ pub fn judge_reuse(
 /// reads that find it. Anything else (no entry, retired, a lost race) is judged from SQL.
 pub async fn refresh(state: &AppState, presented: &str, client: &ClientInfo) -> Result<Tokens, ApiError> {
     let rate = state.config.rate_limit_refresh_per_ip;
-    limit::charge(state, Limit::RefreshPerIp, &limit::ip_key(client), rate, client).await?;
+    limit::charge(state, Limit::RefreshPerIp, &limit::ip_key(state, client), rate, client).await?;
     // A refresh token is 43 base64url characters; anything much longer cannot match.
     if presented.len() > 128 {
         return Err(refresh_refused("The refresh token is not valid."));

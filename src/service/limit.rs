@@ -1,8 +1,10 @@
 //! Charging the rate limits of SPEC and the login cool-down. Every limit answers the
 //! same 429 body, so a 429 never tells whether an account exists.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use crate::audit::{AuditEvent, Flood};
-use crate::config::Rate;
+use crate::config::{Rate, canonical};
 use crate::error::{ApiError, ErrorCode};
 use crate::rate_limit::Decision;
 use crate::service::ClientInfo;
@@ -32,9 +34,23 @@ impl Limit {
     }
 }
 
-/// The bucket key for the client's address.
-pub fn ip_key(client: &ClientInfo) -> String {
-    client.ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+/// The bucket key for the client's address: IPv6 clients by their network of
+/// `RATE_LIMIT_IPV6_PREFIX` bits (a /64 is what one subscriber gets: counting single
+/// addresses would give them 2^64 budgets).
+pub fn ip_key(state: &AppState, client: &ClientInfo) -> String {
+    address_key(client.ip, state.config.rate_limit_ipv6_prefix)
+}
+
+fn address_key(ip: Option<IpAddr>, ipv6_prefix: u8) -> String {
+    match ip.map(canonical) {
+        None => "unknown".to_owned(),
+        Some(IpAddr::V4(v4)) => v4.to_string(),
+        Some(IpAddr::V6(v6)) => {
+            let prefix = u32::from(ipv6_prefix.clamp(1, 128));
+            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            format!("{}/{prefix}", Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
 }
 
 /// The store's name for `limit`'s bucket of `key`.
@@ -79,6 +95,22 @@ pub async fn charge(
     }
 }
 
+/// Answers 429 if `limit`'s bucket for `key` has no token left, taking none: for budgets
+/// of failures, which must refuse before the work whose failure they count.
+pub async fn check(
+    state: &AppState,
+    limit: Limit,
+    key: &str,
+    rate: Rate,
+    client: &ClientInfo,
+) -> Result<(), ApiError> {
+    let decision = state.limits.peek(&bucket(limit, key), rate, state.clock.now().timestamp_millis()).await?;
+    match decision.retry_after_secs() {
+        None => Ok(()),
+        Some(secs) => Err(limited(state, limit, key, secs, client)),
+    }
+}
+
 /// Whose failures a login attempt is judged by, and counts towards.
 pub struct LoginJudge {
     /// The key of the failure record and cool-down.
@@ -98,7 +130,7 @@ pub async fn admit_login(
     device: Option<uuid::Uuid>,
     client: &ClientInfo,
 ) -> Result<LoginJudge, ApiError> {
-    let ip = ip_key(client);
+    let ip = ip_key(state, client);
     let ip_bucket = bucket(Limit::LoginPerIp, &ip);
     let (account_key, failures_key) = match device {
         Some(device) => (format!("dev:{device}"), format!("dev:{device}")),
@@ -123,5 +155,32 @@ pub async fn admit_login(
             let secs = Decision::Denied { retry_after_ms }.retry_after_secs().unwrap_or(1);
             Err(limited(state, limit, key, secs, client))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str, prefix: u8) -> String {
+        address_key(Some(ip.parse().expect("ip")), prefix)
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_network() {
+        assert_eq!(key("2001:db8:1:2::1", 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64), "2001:db8:1:2::/64");
+        assert_ne!(key("2001:db8:1:3::1", 64), key("2001:db8:1:2::1", 64));
+        assert_eq!(key("2001:db8:1:2::1", 48), key("2001:db8:1:3::1", 48));
+        assert_eq!(key("2001:db8::1", 128), "2001:db8::1/128");
+        assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
+        assert_eq!(key("ffff::1", 1), "8000::/1");
+    }
+
+    #[test]
+    fn ipv4_and_ipv4_mapped_addresses_are_whole_addresses() {
+        assert_eq!(key("198.51.100.7", 64), "198.51.100.7");
+        assert_eq!(key("::ffff:198.51.100.7", 64), "198.51.100.7");
+        assert_eq!(address_key(None, 64), "unknown");
     }
 }

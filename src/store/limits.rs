@@ -1,20 +1,21 @@
 //! Where rate-limit buckets and login cool-downs live: Redis (atomic Lua scripts, shared
-//! by every instance) or an in-process map whose memory stays bounded.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
+//! by every instance) or an in-process table whose memory stays bounded and whose every
+//! operation does bounded work (`store::bounded`).
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
 use crate::config::Rate;
 use crate::rate_limit::{Bucket, CooldownPolicy, Decision, period_ms};
+use crate::store::bounded::{Expiring, Full, Poisoned, Standing, Table};
 use crate::store::revocation::StoreError;
 
 #[async_trait]
 pub trait LimitStore: Send + Sync + 'static {
     /// Takes one token from the bucket `key`.
     async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError>;
+    /// What `take` would decide, taking nothing.
+    async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError>;
     /// A login attempt's three checks in one call (one round trip to Redis): a token from
     /// the address's bucket, then one from the account's, then the account's cool-down.
     /// The first refusal ends it: a refused attempt spends nothing further.
@@ -176,6 +177,22 @@ impl LimitStore for RedisLimits {
         })
     }
 
+    async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
+        let mut conn = self.conn.clone();
+        let (tokens, updated): (Option<f64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.bucket_key(key))
+            .arg("t")
+            .arg("u")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        // The script's arithmetic, in `rate_limit::Bucket`: an absent bucket is full.
+        Ok(match (tokens, updated) {
+            (Some(tokens), Some(updated_ms)) => Bucket { tokens, updated_ms }.peek(rate, now_ms),
+            _ => Decision::Allowed,
+        })
+    }
+
     async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
         let mut conn = self.conn.clone();
         let (check, retry, failures): (i64, i64, i64) = self
@@ -228,22 +245,56 @@ impl LimitStore for RedisLimits {
     }
 }
 
-/// At most this many buckets (and as many cool-down records) live in memory. A flood of
-/// spoofed addresses fills it with buckets that go idle; when full, idle ones are
-/// dropped (an idle bucket is full anyway), then the least recently used.
+/// At most this many buckets (and as many failure records) live in memory. A flood of
+/// spoofed addresses fills it with buckets that go idle; when a new key finds its part of
+/// the table full, an idle entry (a full bucket, forgotten failures) makes room first, then
+/// the least recently used one in use. A bucket that is refusing its key and a running
+/// cool-down are never forgotten before their time: a new key that finds only those is
+/// refused as rate limited (see `store::bounded`).
 pub const MAX_ENTRIES: usize = 100_000;
 
-#[derive(Clone, Copy)]
+impl Expiring for (Bucket, Rate) {
+    fn standing(&self, now_ms: i64) -> Standing {
+        let (bucket, rate) = self;
+        let tokens = bucket.tokens_at(*rate, now_ms);
+        if tokens >= f64::from(rate.capacity) {
+            Standing::Idle
+        } else if tokens < 1.0 {
+            match bucket.peek(*rate, now_ms) {
+                Decision::Denied { retry_after_ms } => Standing::Cooling { remaining_ms: retry_after_ms },
+                Decision::Allowed => Standing::InUse,
+            }
+        } else {
+            Standing::InUse
+        }
+    }
+}
+
+/// An account's consecutive failed logins.
+#[derive(Clone, Copy, Debug)]
 struct Failures {
     count: u32,
     until_ms: i64,
     last_ms: i64,
+    /// How long they are remembered without a new one (`CooldownPolicy::memory_ms`).
+    memory_ms: i64,
+}
+
+impl Expiring for Failures {
+    fn standing(&self, now_ms: i64) -> Standing {
+        if self.until_ms > now_ms {
+            Standing::Cooling { remaining_ms: (self.until_ms - now_ms).unsigned_abs() }
+        } else if now_ms - self.last_ms >= self.memory_ms {
+            Standing::Idle
+        } else {
+            Standing::InUse
+        }
+    }
 }
 
 pub struct MemoryLimits {
-    buckets: Mutex<HashMap<String, (Bucket, Rate)>>,
-    failures: Mutex<HashMap<String, Failures>>,
-    max_entries: usize,
+    buckets: Table<(Bucket, Rate)>,
+    failures: Table<Failures>,
 }
 
 impl Default for MemoryLimits {
@@ -252,23 +303,20 @@ impl Default for MemoryLimits {
     }
 }
 
-fn poisoned<T>(_: T) -> StoreError {
-    StoreError::new("in-process limiter lock poisoned")
-}
-
-/// Drops failure counts no longer remembered and not cooling down.
-fn forget_stale_failures(failures: &mut HashMap<String, Failures>, now_ms: i64, memory_ms: u64) {
-    let memory = i64::try_from(memory_ms).unwrap_or(i64::MAX);
-    failures.retain(|_, f| now_ms - f.last_ms < memory || f.until_ms > now_ms);
+impl From<Poisoned> for StoreError {
+    fn from(_: Poisoned) -> Self {
+        StoreError::new("in-process limiter lock poisoned")
+    }
 }
 
 impl MemoryLimits {
     pub fn with_capacity(max_entries: usize) -> Self {
-        Self { buckets: Mutex::default(), failures: Mutex::default(), max_entries: max_entries.max(16) }
+        let max_entries = max_entries.max(16);
+        Self { buckets: Table::new(max_entries), failures: Table::new(max_entries) }
     }
 
     pub fn len(&self) -> usize {
-        self.buckets.lock().map_or(0, |b| b.len()) + self.failures.lock().map_or(0, |f| f.len())
+        self.buckets.len() + self.failures.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -276,43 +324,31 @@ impl MemoryLimits {
     }
 
     /// Drops what no longer matters: full-again buckets and forgotten failures.
-    pub fn sweep(&self, now_ms: i64, cooldown_memory_ms: u64) {
-        if let Ok(mut buckets) = self.buckets.lock() {
-            buckets.retain(|_, (b, rate)| !b.is_idle(*rate, now_ms));
-        }
-        if let Ok(mut failures) = self.failures.lock() {
-            forget_stale_failures(&mut failures, now_ms, cooldown_memory_ms);
-        }
-    }
-
-    /// Makes room for one more bucket: idle ones first, then the least recently used tenth.
-    fn make_room(buckets: &mut HashMap<String, (Bucket, Rate)>, max: usize, now_ms: i64) {
-        if buckets.len() < max {
-            return;
-        }
-        buckets.retain(|_, (b, rate)| !b.is_idle(*rate, now_ms));
-        if buckets.len() < max {
-            return;
-        }
-        let mut ages: Vec<i64> = buckets.values().map(|(b, _)| b.updated_ms).collect();
-        let cut = ages.len() / 10;
-        ages.select_nth_unstable(cut);
-        let threshold = ages[cut];
-        buckets.retain(|_, (b, _)| b.updated_ms > threshold);
+    pub fn sweep(&self, now_ms: i64) {
+        self.buckets.sweep(now_ms);
+        self.failures.sweep(now_ms);
     }
 }
 
 #[async_trait]
 impl LimitStore for MemoryLimits {
     async fn take(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
-        let mut buckets = self.buckets.lock().map_err(poisoned)?;
-        if !buckets.contains_key(key) {
-            Self::make_room(&mut buckets, self.max_entries, now_ms);
-        }
-        let (bucket, stored_rate) =
-            buckets.entry(key.to_owned()).or_insert((Bucket::full(rate, now_ms), rate));
-        *stored_rate = rate;
-        Ok(bucket.take(rate, now_ms))
+        let taken = self.buckets.update(
+            key,
+            now_ms,
+            || (Bucket::full(rate, now_ms), rate),
+            |(bucket, stored_rate)| {
+                *stored_rate = rate;
+                bucket.take(rate, now_ms)
+            },
+        )?;
+        // A new key with no room: refused until a cool-down ends and makes some.
+        Ok(taken.unwrap_or_else(|Full { retry_after_ms }| Decision::Denied { retry_after_ms }))
+    }
+
+    async fn peek(&self, key: &str, rate: Rate, now_ms: i64) -> Result<Decision, StoreError> {
+        let seen = self.buckets.read(key, |(bucket, _)| bucket.peek(rate, now_ms))?;
+        Ok(seen.unwrap_or(Decision::Allowed))
     }
 
     async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
@@ -324,14 +360,18 @@ impl LimitStore for MemoryLimits {
                 return Ok(Admission::Refused { by, retry_after_ms });
             }
         }
-        let failures = self.failures.lock().map_err(poisoned)?;
-        Ok(match failures.get(login.account) {
-            Some(f) if f.until_ms > now_ms => Admission::Refused {
-                by: Refusal::Cooldown,
-                retry_after_ms: (f.until_ms - now_ms).unsigned_abs(),
+        let seen = self.failures.read(login.account, |f| (f.count, f.standing(now_ms)))?;
+        Ok(match seen {
+            Some((_, Standing::Cooling { remaining_ms })) => {
+                Admission::Refused { by: Refusal::Cooldown, retry_after_ms: remaining_ms }
+            }
+            Some((count, _)) => Admission::Admitted { failures: count > 0 },
+            // An account with no record is admitted only if its failure could be counted:
+            // with the table full of cool-downs, it waits as if cooling down itself.
+            None => match self.failures.room_for(login.account, now_ms)? {
+                Ok(()) => Admission::Admitted { failures: false },
+                Err(Full { retry_after_ms }) => Admission::Refused { by: Refusal::Cooldown, retry_after_ms },
             },
-            Some(f) => Admission::Admitted { failures: f.count > 0 },
-            None => Admission::Admitted { failures: false },
         })
     }
 
@@ -341,33 +381,35 @@ impl LimitStore for MemoryLimits {
         policy: CooldownPolicy,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut failures = self.failures.lock().map_err(poisoned)?;
-        if failures.len() >= self.max_entries && !failures.contains_key(account) {
-            forget_stale_failures(&mut failures, now_ms, policy.memory_ms());
-            if failures.len() >= self.max_entries {
-                // Still full of fresh failures: forget the oldest before counting a new one.
-                if let Some(oldest) = failures.iter().min_by_key(|(_, f)| f.last_ms).map(|(k, _)| k.clone()) {
-                    failures.remove(&oldest);
+        let memory_ms = i64::try_from(policy.memory_ms()).unwrap_or(i64::MAX);
+        let fresh = Failures { count: 0, until_ms: 0, last_ms: now_ms, memory_ms };
+        let counted = self.failures.update(
+            account,
+            now_ms,
+            || fresh,
+            |entry| {
+                if entry.standing(now_ms) == Standing::Idle {
+                    *entry = fresh;
                 }
-            }
-        }
-        let memory = i64::try_from(policy.memory_ms()).unwrap_or(i64::MAX);
-        let entry =
-            failures.entry(account.to_owned()).or_insert(Failures { count: 0, until_ms: 0, last_ms: now_ms });
-        if now_ms - entry.last_ms >= memory {
-            *entry = Failures { count: 0, until_ms: 0, last_ms: now_ms };
-        }
-        entry.count = entry.count.saturating_add(1);
-        entry.last_ms = entry.last_ms.max(now_ms);
-        let cool = policy.cooldown_ms(entry.count);
-        if cool > 0 {
-            entry.until_ms = now_ms.saturating_add(i64::try_from(cool).unwrap_or(i64::MAX));
+                entry.count = entry.count.saturating_add(1);
+                entry.last_ms = entry.last_ms.max(now_ms);
+                entry.memory_ms = memory_ms;
+                let cool = policy.cooldown_ms(entry.count);
+                if cool > 0 {
+                    entry.until_ms = now_ms.saturating_add(i64::try_from(cool).unwrap_or(i64::MAX));
+                }
+            },
+        )?;
+        if counted.is_err() {
+            // Admission found room, but other accounts' cool-downs filled it since: this one
+            // failure goes uncounted rather than forgetting a running cool-down.
+            tracing::debug!("in-process limiter full of cool-downs: a failed login was not counted");
         }
         Ok(())
     }
 
     async fn clear_failures(&self, account: &str) -> Result<(), StoreError> {
-        self.failures.lock().map_err(poisoned)?.remove(account);
+        self.failures.remove(account)?;
         Ok(())
     }
 }
@@ -402,9 +444,117 @@ mod tests {
         let store = MemoryLimits::default();
         let rate = Rate { capacity: 1, period: Duration::from_secs(1) };
         store.take("a", rate, 0).await.unwrap();
-        store.sweep(500, 60_000);
+        store.sweep(500);
         assert_eq!(store.len(), 1);
-        store.sweep(1_000, 60_000);
+        store.sweep(1_000);
         assert!(store.is_empty());
+    }
+
+    fn secs(capacity: u32, secs: u64) -> Rate {
+        Rate { capacity, period: Duration::from_secs(secs) }
+    }
+
+    #[tokio::test]
+    async fn a_new_key_takes_the_place_of_an_idle_bucket_before_a_spent_one() {
+        let store = MemoryLimits::with_capacity(16);
+        let (fast, slow) = (secs(2, 1), secs(2, 60));
+        // Interleaved, so each new key finds an idle one among the least recently used it
+        // looks at (`bounded::PROBES`).
+        for i in 0..8 {
+            store.take(&format!("fast-{i}"), fast, 0).await.unwrap();
+            store.take(&format!("slow-{i}"), slow, 0).await.unwrap();
+        }
+        // A second on, the fast buckets are full again; the slow ones still miss a token.
+        for i in 0..8 {
+            assert_eq!(store.take(&format!("new-{i}"), slow, 1_000).await.unwrap(), Decision::Allowed);
+        }
+        assert_eq!(store.len(), 16);
+        for i in 0..8 {
+            let key = format!("slow-{i}");
+            assert_eq!(store.take(&key, slow, 1_000).await.unwrap(), Decision::Allowed);
+            assert!(
+                matches!(store.take(&key, slow, 1_000).await.unwrap(), Decision::Denied { .. }),
+                "{key} was forgotten: its spent token came back"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_new_keys_never_frees_a_refusing_bucket() {
+        let store = MemoryLimits::with_capacity(16);
+        let one = secs(1, 60);
+        for i in 0..16 {
+            assert_eq!(store.take(&format!("ip-{i}"), one, 0).await.unwrap(), Decision::Allowed);
+        }
+        for i in 0..1_000 {
+            assert_eq!(
+                store.take(&format!("flood-{i}"), one, 1_000).await.unwrap(),
+                Decision::Denied { retry_after_ms: 59_000 },
+                "a new key in a table full of refusing buckets is refused"
+            );
+        }
+        for i in 0..16 {
+            assert!(
+                matches!(store.take(&format!("ip-{i}"), one, 1_000).await.unwrap(), Decision::Denied { .. }),
+                "ip-{i} got a fresh budget"
+            );
+        }
+        assert_eq!(
+            store.take("flood-0", one, 60_000).await.unwrap(),
+            Decision::Allowed,
+            "room once they refill"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_table_full_of_cool_downs_refuses_new_accounts_and_forgets_none() {
+        let store = MemoryLimits::with_capacity(16);
+        let wide = secs(1_000_000, 1);
+        let policy = CooldownPolicy { threshold: 1, base_ms: 60_000, max_ms: 60_000 };
+        let admit = |account: &'static str, now| {
+            let store = &store;
+            async move {
+                let budgets = LoginBudgets {
+                    ip_bucket: "ip",
+                    ip_rate: wide,
+                    account_bucket: "account",
+                    account_rate: wide,
+                    account,
+                };
+                store.admit_login(&budgets, now).await.unwrap()
+            }
+        };
+        const ACCOUNTS: [&str; 16] =
+            ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p"];
+        for account in ACCOUNTS {
+            store.record_failure(account, policy, 0).await.unwrap();
+        }
+        assert_eq!(
+            admit("newcomer", 1_000).await,
+            Admission::Refused { by: Refusal::Cooldown, retry_after_ms: 59_000 }
+        );
+        // Even a failure counted for it (admitted just before the table filled) evicts no one.
+        store.record_failure("newcomer", policy, 1_000).await.unwrap();
+        for account in ACCOUNTS {
+            assert_eq!(
+                admit(account, 1_000).await,
+                Admission::Refused { by: Refusal::Cooldown, retry_after_ms: 59_000 },
+                "{account}'s cool-down was forgotten"
+            );
+        }
+        assert_eq!(admit("newcomer", 60_000).await, Admission::Admitted { failures: false });
+    }
+
+    #[tokio::test]
+    async fn peek_takes_nothing() {
+        let store = MemoryLimits::default();
+        let two = secs(2, 60);
+        assert_eq!(store.peek("k", two, 0).await.unwrap(), Decision::Allowed);
+        assert!(store.is_empty(), "peeking at an unknown key creates nothing");
+        store.take("k", two, 0).await.unwrap();
+        assert_eq!(store.peek("k", two, 0).await.unwrap(), Decision::Allowed);
+        store.take("k", two, 0).await.unwrap();
+        assert_eq!(store.peek("k", two, 0).await.unwrap(), Decision::Denied { retry_after_ms: 30_000 });
+        assert_eq!(store.peek("k", two, 30_000).await.unwrap(), Decision::Allowed);
     }
 }

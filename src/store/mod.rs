@@ -1,6 +1,7 @@
 //! Persistence: SQL (the durable truth) and the revocation store (fast session state).
 
 pub mod batch;
+pub mod bounded;
 pub mod db;
 pub mod entity;
 pub mod held;

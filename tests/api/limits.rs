@@ -282,3 +282,179 @@ async fn a_client_hammering_login_leaves_a_handful_of_audit_rows_and_a_success_s
         "a summary row carries the suppressed count once the window closes"
     );
 }
+
+// --- Issue 14: abuse resistance. Each test is the attack. ---
+
+async fn scrape_metrics(app: &TestApp) -> String {
+    let url = format!("{}/metrics", app.metrics_address.as_ref().expect("metrics enabled"));
+    app.client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+fn request_series(scrape: &str) -> Vec<&str> {
+    scrape.lines().filter(|l| l.starts_with("latchkey_http_request")).collect()
+}
+
+#[tokio::test]
+async fn invented_methods_and_paths_add_no_metric_series() {
+    let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
+    // One request of each shape the flood will use, so the series they need exist.
+    for (method, path) in [("FOO", "/v1/auth/login"), ("FOO", "/nowhere"), ("GET", "/nowhere")] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        app.client.request(method, app.url(path)).send().await.unwrap();
+    }
+    let before = scrape_metrics(&app).await;
+    for i in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("FOO{i}BAR").as_bytes()).unwrap();
+        let path = if i % 2 == 0 { "/v1/auth/login".to_owned() } else { format!("/nowhere/{i}") };
+        let resp = app.client.request(method, app.url(&path)).send().await.unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+    let after = scrape_metrics(&app).await;
+    assert!(!after.contains("FOO") && !after.contains("nowhere"), "{after}");
+    assert_eq!(request_series(&before).len(), request_series(&after).len(), "{after}");
+    let allowed = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"];
+    for line in request_series(&after).into_iter().filter(|l| l.contains("method=\"")) {
+        let method = line.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap();
+        assert!(allowed.contains(&method), "{line}");
+    }
+}
+
+async fn register_from(app: &TestApp, email: &str, forwarded_for: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/auth/register"))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+}
+
+both!(
+    thirty_addresses_of_one_ipv6_64_share_one_budget,
+    &[("RATE_LIMIT_REGISTER_PER_IP", "3/1m"), ("TRUSTED_PROXIES", "127.0.0.1")]
+);
+async fn thirty_addresses_of_one_ipv6_64_share_one_budget(app: TestApp) {
+    for n in 1..=30u32 {
+        let resp = register_from(&app, &format!("v6-{n}@example.com"), &format!("2001:db8:1:2::{n:x}")).await;
+        if n <= 3 {
+            assert_eq!(resp.status(), StatusCode::CREATED, "address {n}");
+        } else {
+            assert_limited(resp).await;
+        }
+    }
+    // Another /64 is another client; an IPv4-mapped address is the IPv4 client it names.
+    let resp = register_from(&app, "other-64@example.com", "2001:db8:1:3::1").await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let resp = register_from(&app, "mapped@example.com", "::ffff:198.51.100.4").await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn ipv6_prefix_128_counts_each_address() {
+    let env = [
+        ("RATE_LIMIT_REGISTER_PER_IP", "1/1m"),
+        ("TRUSTED_PROXIES", "127.0.0.1"),
+        ("RATE_LIMIT_IPV6_PREFIX", "128"),
+    ];
+    let app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &env).await;
+    for n in 1..=3u32 {
+        let resp = register_from(&app, &format!("own-{n}@example.com"), &format!("2001:db8::{n}")).await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "address {n}");
+    }
+}
+
+both!(
+    fake_entries_left_of_the_real_client_buy_no_budget,
+    &[("RATE_LIMIT_LOGIN_PER_IP", "2/1m"), ("TRUSTED_PROXIES", "127.0.0.1")]
+);
+async fn fake_entries_left_of_the_real_client_buy_no_budget(app: TestApp) {
+    // What the proxy forwards: whatever the attacker wrote, then the address it saw.
+    let chain = |i: u32| format!("10.9.{i}.1, unknown, 203.0.113.{i}, 198.51.100.66");
+    for i in 0..2 {
+        let resp = login_from(&app, "x@example.com", "wrong password", &chain(i)).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    for i in 2..6 {
+        assert_limited(login_from(&app, "x@example.com", "wrong password", &chain(i)).await).await;
+    }
+    // A Forwarded header is ignored while X-Forwarded-For is the configured one.
+    let resp = app
+        .client
+        .post(app.url("/v1/auth/login"))
+        .header("forwarded", "for=198.51.100.67")
+        .header("x-forwarded-for", "198.51.100.66")
+        .json(&json!({"email": "x@example.com", "password": "wrong password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_limited(resp).await;
+}
+
+async fn session_ip(app: &TestApp, headers: &[(&str, &str)]) -> String {
+    let email = format!("ip-{}@example.com", uuid::Uuid::new_v4().simple());
+    assert_eq!(app.register(&email, PASSWORD).await.status(), StatusCode::CREATED);
+    let tokens = app.login_with(&email, headers).await;
+    let body: Value = app.get("/v1/users/me/sessions", Some(&tokens.access)).await.json().await.unwrap();
+    body["sessions"][0]["ip_address"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn only_the_configured_forwarding_header_is_believed() {
+    let both_headers =
+        [("x-forwarded-for", "198.51.100.1"), ("forwarded", r#"for="[2001:db8::7]:4711";proto=https"#)];
+    let xff =
+        TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &[("TRUSTED_PROXIES", "127.0.0.1")]).await;
+    assert_eq!(session_ip(&xff, &both_headers).await, "198.51.100.1");
+    assert_eq!(session_ip(&xff, &both_headers[1..]).await, "127.0.0.1", "Forwarded is not the one");
+
+    let env = [("TRUSTED_PROXIES", "127.0.0.1"), ("FORWARDED_HEADER", "forwarded")];
+    let fwd = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &env).await;
+    assert_eq!(session_ip(&fwd, &both_headers).await, "2001:db8::7");
+    assert_eq!(session_ip(&fwd, &both_headers[..1]).await, "127.0.0.1", "X-Forwarded-For is not the one");
+    // An obfuscated or unknown hop ends the walk at the last trusted hop: this proxy.
+    let hidden = [("forwarded", "for=198.51.100.9, for=_hidden")];
+    assert_eq!(session_ip(&fwd, &hidden).await, "127.0.0.1");
+}
+
+both!(malformed_emails_leave_no_failure_record, &[("LOGIN_COOLDOWN_THRESHOLD", "2")]);
+async fn malformed_emails_leave_no_failure_record(app: TestApp) {
+    for _ in 0..4 {
+        // Answered like a wrong password, but a string that cannot be an account never cools down.
+        assert_eq!(app.login("not an email", "whatever").await.status(), StatusCode::UNAUTHORIZED);
+    }
+    if let Some(url) = &app.resources.redis_url {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}cool:*", app.resources.redis_prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+}
+
+both!(a_spent_client_auth_budget_refuses_even_the_right_secret, &[]);
+async fn a_spent_client_auth_budget_refuses_even_the_right_secret(app: TestApp) {
+    let (id, secret) =
+        latchkey::service::clients::create(&app.state.db, "billing", app.clock.now()).await.unwrap();
+    let introspect = |secret: String| {
+        let req = app
+            .client
+            .post(app.url("/oauth/introspect"))
+            .basic_auth(id.clone(), Some(secret))
+            .form(&[("token", "t")]);
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(introspect(secret.clone()).await.status(), StatusCode::OK);
+    // Guessing: ten wrong secrets spend the address's budget of failures.
+    for _ in 0..10 {
+        assert_problem(introspect("guess".into()).await, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    }
+    assert_limited(introspect("guess".into()).await).await;
+    // A guess that happens to be right is refused too while the budget is spent: the refusal
+    // comes before the comparison, so it tells nothing about the secret.
+    assert_limited(introspect(secret.clone()).await).await;
+    app.clock.advance(Duration::from_secs(6));
+    assert_eq!(introspect(secret).await.status(), StatusCode::OK);
+}
