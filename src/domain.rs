@@ -43,6 +43,12 @@ impl Email {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `{local}@example.com`, for sample mails (templates are rendered with them at start);
+    /// `local` is a literal the caller knows to be a valid local part.
+    pub(crate) fn example(local: &'static str) -> Self {
+        Self(format!("{local}@example.com"))
+    }
 }
 
 impl fmt::Debug for Email {

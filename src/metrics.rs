@@ -30,6 +30,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MailLabels {
+    template: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     limit: String,
 }
@@ -54,6 +60,9 @@ pub struct Metrics {
     audit_dropped: Gauge,
     dependency_errors: Family<DependencyLabels, Counter>,
     dependency_latency: Family<DependencyLabels, Histogram, fn() -> Histogram>,
+    mails: Family<MailLabels, Counter>,
+    mail_queue_depth: Gauge,
+    mail_oldest_queued_age: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,6 +114,24 @@ impl Metrics {
             "Latency of calls to SQL or Redis",
             dependency_latency.clone(),
         );
+        let mails = Family::<MailLabels, Counter>::default();
+        let mail_queue_depth = Gauge::default();
+        let mail_oldest_queued_age = Gauge::default();
+        registry.register(
+            "mails",
+            "Mail send attempts by template and outcome (sent, retried, abandoned)",
+            mails.clone(),
+        );
+        registry.register(
+            "mail_queue_depth",
+            "Mails in the outbox not yet sent or abandoned",
+            mail_queue_depth.clone(),
+        );
+        registry.register(
+            "mail_oldest_queued_age_seconds",
+            "Age of the oldest mail not yet sent or abandoned (0 when none)",
+            mail_oldest_queued_age.clone(),
+        );
         Self {
             registry,
             requests,
@@ -115,7 +142,20 @@ impl Metrics {
             audit_dropped,
             dependency_errors,
             dependency_latency,
+            mails,
+            mail_queue_depth,
+            mail_oldest_queued_age,
         }
+    }
+
+    /// One send attempt's outcome; `template` and `outcome` come from fixed sets.
+    pub fn mail(&self, template: &'static str, outcome: &'static str) {
+        self.mails.get_or_create(&MailLabels { template, outcome }).inc();
+    }
+
+    pub fn mail_queue(&self, depth: u64, oldest_age_seconds: i64) {
+        self.mail_queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.mail_oldest_queued_age.set(oldest_age_seconds);
     }
 
     pub fn http(&self, route: &str, method: &str, status: u16, elapsed: Duration) {

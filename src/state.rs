@@ -32,4 +32,6 @@ pub struct AppState {
     pub revocations: crate::service::sessions::Pending,
     /// Signs device tokens (see `service::devices`).
     pub devices: crate::service::devices::DeviceKey,
+    /// Queues mail, in the caller's transaction (see `mail`).
+    pub outbox: crate::mail::Outbox,
 }
