@@ -11,6 +11,7 @@ mod example;
 mod flow;
 mod helpers;
 mod limits;
+mod mail;
 mod openapi;
 mod ops;
 mod outage;
