@@ -148,6 +148,12 @@ async fn a_queued_mail_reaches_a_real_smtp_server_and_a_rolled_back_one_does_not
     let rows = rows(&app).await;
     assert_eq!(rows.len(), 1, "the rolled-back mail left no row");
     assert_eq!((rows[0].id, rows[0].attempts, rows[0].lease_until), (id, 1, None));
+
+    let metrics = format!("{}/metrics", app.metrics_address.as_ref().expect("metrics"));
+    let scrape = app.client.get(metrics).send().await.unwrap().text().await.unwrap();
+    assert!(scrape.contains(r#"latchkey_mails_total{template="verify_email",outcome="sent"} 1"#), "{scrape}");
+    assert!(scrape.contains("latchkey_mail_queue_depth "), "{scrape}");
+    assert!(scrape.contains("latchkey_mail_oldest_queued_age_seconds "), "{scrape}");
 }
 
 #[tokio::test]
