@@ -193,6 +193,21 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub audit_queue_capacity: usize,
     pub log_format: LogFormat,
+    /// Where mail goes: `smtp://` / `smtps://` (see `check_smtp_url`); unset, `.eml` files
+    /// in `mail_dir`.
+    pub smtp_url: Option<SecretString>,
+    pub mail_dir: std::path::PathBuf,
+    pub email_from: lettre::message::Mailbox,
+    pub product_name: String,
+    /// The app's base URL (no trailing slash), where mailed links go.
+    pub app_url: Option<String>,
+    pub email_templates_dir: Option<std::path::PathBuf>,
+    pub mail_workers: usize,
+    pub mail_poll_interval: Duration,
+    pub mail_lease: Duration,
+    pub mail_max_attempts: u32,
+    pub mail_retry_base: Duration,
+    pub mail_retry_max: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +316,23 @@ impl Config {
                     return Err(invalid("LOG_FORMAT", format!("expected text or json, got {other:?}")));
                 }
             },
+            smtp_url: env.optional("SMTP_URL").map(SecretString::from),
+            mail_dir: env.string("MAIL_DIR", "./mail").into(),
+            email_from: {
+                let raw = env.string("EMAIL_FROM", "Latchkey <no-reply@localhost>");
+                raw.parse().map_err(|e| {
+                    invalid("EMAIL_FROM", format!("{raw:?}: {e} (expected Name <address> or an address)"))
+                })?
+            },
+            product_name: env.string("PRODUCT_NAME", "Latchkey"),
+            app_url: env.optional("APP_URL").map(|u| u.trim_end_matches('/').to_owned()),
+            email_templates_dir: env.optional("EMAIL_TEMPLATES_DIR").map(Into::into),
+            mail_workers: env.parse("MAIL_WORKERS", "2")?,
+            mail_poll_interval: env.duration("MAIL_POLL_INTERVAL", "1s")?,
+            mail_lease: env.duration("MAIL_LEASE", "5m")?,
+            mail_max_attempts: env.parse("MAIL_MAX_ATTEMPTS", "10")?,
+            mail_retry_base: env.duration("MAIL_RETRY_BASE", "30s")?,
+            mail_retry_max: env.duration("MAIL_RETRY_MAX", "1h")?,
         };
         config.validate()?;
         Ok(config)
@@ -420,12 +452,100 @@ impl Config {
         if self.max_body_bytes < 1024 {
             return Err(invalid("MAX_BODY_BYTES", "must be at least 1024".into()));
         }
+        self.validate_mail()
+    }
+
+    fn validate_mail(&self) -> Result<(), ConfigError> {
+        if let Some(smtp) = &self.smtp_url {
+            check_smtp_url(smtp.expose_secret()).map_err(|e| invalid("SMTP_URL", e))?;
+        }
+        if let Some(app) = &self.app_url {
+            let url = url::Url::parse(app).map_err(|e| invalid("APP_URL", format!("must be a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.query().is_some() || url.fragment().is_some()
+            {
+                return Err(invalid("APP_URL", "must be an http(s) URL without query or fragment".into()));
+            }
+        }
+        if self.product_name.chars().any(char::is_control) {
+            return Err(invalid("PRODUCT_NAME", "must not contain control characters".into()));
+        }
+        if self.mail_workers == 0 {
+            return Err(invalid("MAIL_WORKERS", "must be at least 1".into()));
+        }
+        if self.mail_max_attempts == 0 {
+            return Err(invalid("MAIL_MAX_ATTEMPTS", "must be at least 1".into()));
+        }
+        for (name, value) in
+            [("MAIL_POLL_INTERVAL", self.mail_poll_interval), ("MAIL_RETRY_BASE", self.mail_retry_base)]
+        {
+            if value.is_zero() {
+                return Err(invalid(name, "must be greater than zero".into()));
+            }
+        }
+        if self.mail_retry_max < self.mail_retry_base {
+            return Err(invalid("MAIL_RETRY_MAX", "must be at least MAIL_RETRY_BASE".into()));
+        }
+        if self.mail_lease < 2 * crate::mail::transport::SMTP_TIMEOUT {
+            return Err(invalid(
+                "MAIL_LEASE",
+                "must be at least 1m (twice the SMTP timeout), or a slow send could be taken over and sent twice"
+                    .into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Where mailed links point: `APP_URL`, or Latchkey's own pages under `JWT_ISSUER`.
+    pub fn link_base(&self) -> String {
+        match &self.app_url {
+            Some(app) => app.clone(),
+            None => format!("{}/account", self.jwt_issuer.trim_end_matches('/')),
+        }
     }
 
     pub fn uses_sqlite(&self) -> bool {
         self.database_url.expose_secret().starts_with("sqlite:")
     }
+}
+
+/// `smtp://` (plain, or STARTTLS with `?tls=required` / `?tls=opportunistic`) or
+/// `smtps://` (implicit TLS). lettre would send `AUTH` over a plain connection: credentials
+/// are refused unless the connection is encrypted for sure (`smtps://`, `tls=required`) or
+/// stays on this machine. Messages never repeat the URL (it holds the password).
+fn check_smtp_url(raw: &str) -> Result<(), String> {
+    let url = url::Url::parse(raw)
+        .map_err(|_| "is not a URL like smtps://user:password@smtp.example.com:465".to_owned())?;
+    if !matches!(url.scheme(), "smtp" | "smtps") {
+        return Err(format!("scheme {:?}: expected smtp or smtps", url.scheme()));
+    }
+    let loopback = match url.host() {
+        // smtp is not a "special" scheme to the url crate: IP addresses come as domains.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err("has no host".into()),
+    };
+    let tls = url.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v.into_owned());
+    match tls.as_deref() {
+        None | Some("required" | "opportunistic") => {}
+        Some(other) => return Err(format!("tls={other}: expected tls=required or tls=opportunistic")),
+    }
+    let credentials = !url.username().is_empty() || url.password().is_some();
+    let encrypted = url.scheme() == "smtps" || tls.as_deref() == Some("required");
+    if credentials && !encrypted && !loopback {
+        return Err("would send its credentials in clear text: use smtps:// (port 465) or \
+                    smtp://…?tls=required (STARTTLS), or no credentials"
+            .into());
+    }
+    lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(raw)
+        .map(|_| ())
+        .map_err(|_| "is not a valid SMTP URL".to_owned())
 }
 
 fn millis(d: Duration) -> u64 {
@@ -555,6 +675,53 @@ mod tests {
             .expect("config");
         let printed = format!("{c:?}");
         assert!(!printed.contains("hunter2") && !printed.contains("pw123"), "{printed}");
+    }
+
+    #[test]
+    fn smtp_urls_with_credentials_must_be_encrypted_or_local() {
+        for ok in [
+            "smtps://user:pw@smtp.example.com:465",
+            "smtp://user:pw@smtp.example.com:587?tls=required",
+            "smtp://relay.example.com:25",
+            "smtp://user:pw@127.0.0.1:2525",
+            "smtp://user:pw@localhost",
+            "smtp://user:pw@[::1]:2525",
+        ] {
+            config(&[("SMTP_URL", ok)]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "smtp://user:pw@smtp.example.com:587",
+            "smtp://user:pw@smtp.example.com?tls=opportunistic",
+            "smtp://user:pw@127.0.0.1.example.com",
+            "smtp://smtp.example.com?tls=none",
+            "http://smtp.example.com",
+            "smtp://",
+        ] {
+            let err = config(&[("SMTP_URL", bad)]).expect_err(bad);
+            assert_eq!(err.variable, "SMTP_URL", "{err}");
+            assert!(!err.to_string().contains("pw"), "the password stays out of the message: {err}");
+        }
+        let printed = format!("{:?}", config(&[("SMTP_URL", "smtps://u:hunter2@h:465")]).expect("config"));
+        assert!(!printed.contains("hunter2"), "{printed}");
+    }
+
+    #[test]
+    fn mail_settings_are_validated() {
+        let c = config(&[]).expect("defaults");
+        assert_eq!(c.email_from.to_string(), "Latchkey <no-reply@localhost>");
+        assert_eq!(c.link_base(), "http://localhost:8080/account");
+        let c = config(&[("APP_URL", "https://app.example.com/")]).expect("config");
+        assert_eq!(c.link_base(), "https://app.example.com");
+        for (var, value) in [
+            ("EMAIL_FROM", "not a mailbox"),
+            ("APP_URL", "app.example.com"),
+            ("MAIL_LEASE", "10s"),
+            ("MAIL_MAX_ATTEMPTS", "0"),
+            ("MAIL_RETRY_MAX", "1s"),
+        ] {
+            let err = config(&[(var, value)]).expect_err(var);
+            assert_eq!(err.variable, var, "{err}");
+        }
     }
 
     #[test]

@@ -83,6 +83,12 @@ impl Email {
         words.dedup();
         words
     }
+
+    /// `{local}@example.com`, for sample mails (templates are rendered with them at start);
+    /// `local` is a literal the caller knows to be a valid local part.
+    pub(crate) fn example(local: &'static str) -> Self {
+        Self(format!("{local}@example.com"))
+    }
 }
 
 /// Characters that do not show, or show as something else: every control (Cc), format

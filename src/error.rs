@@ -372,6 +372,15 @@ impl From<crate::domain::WeakPassword> for ApiError {
     }
 }
 
+impl From<crate::mail::outbox::MailError> for ApiError {
+    fn from(err: crate::mail::outbox::MailError) -> Self {
+        match err {
+            crate::mail::outbox::MailError::Database(e) => e.into(),
+            template => ApiError::internal(template),
+        }
+    }
+}
+
 impl From<crate::password::HashError> for ApiError {
     fn from(err: crate::password::HashError) -> Self {
         match err {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod keys;
+pub mod mail;
 pub mod metrics;
 pub mod password;
 pub mod rate_limit;

@@ -30,6 +30,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MailLabels {
+    template: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     limit: String,
 }
@@ -65,6 +71,9 @@ pub struct Metrics {
     audit_suppressed: Family<ActionLabels, Counter>,
     dependency_errors: Family<DependencyLabels, Counter>,
     dependency_latency: Family<DependencyLabels, Histogram, fn() -> Histogram>,
+    mails: Family<MailLabels, Counter>,
+    mail_queue_depth: Gauge,
+    mail_oldest_queued_age: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +137,24 @@ impl Metrics {
             "Latency of calls to SQL or Redis",
             dependency_latency.clone(),
         );
+        let mails = Family::<MailLabels, Counter>::default();
+        let mail_queue_depth = Gauge::default();
+        let mail_oldest_queued_age = Gauge::default();
+        registry.register(
+            "mails",
+            "Mail send attempts by template and outcome (sent, retried, abandoned)",
+            mails.clone(),
+        );
+        registry.register(
+            "mail_queue_depth",
+            "Mails in the outbox not yet sent or abandoned",
+            mail_queue_depth.clone(),
+        );
+        registry.register(
+            "mail_oldest_queued_age_seconds",
+            "Age of the oldest mail not yet sent or abandoned (0 when none)",
+            mail_oldest_queued_age.clone(),
+        );
         Self {
             registry,
             requests,
@@ -139,7 +166,20 @@ impl Metrics {
             audit_suppressed,
             dependency_errors,
             dependency_latency,
+            mails,
+            mail_queue_depth,
+            mail_oldest_queued_age,
         }
+    }
+
+    /// One send attempt's outcome; `template` and `outcome` come from fixed sets.
+    pub fn mail(&self, template: &'static str, outcome: &'static str) {
+        self.mails.get_or_create(&MailLabels { template, outcome }).inc();
+    }
+
+    pub fn mail_queue(&self, depth: u64, oldest_age_seconds: i64) {
+        self.mail_queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.mail_oldest_queued_age.set(oldest_age_seconds);
     }
 
     /// `route` and `method` come from fixed sets (see `startup::observe`, `method_label`).

@@ -26,6 +26,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCode, into_problem};
 use crate::keys::{KeyCache, KeyRing};
+use crate::mail::{MailWorker, Outbox, Templates};
 use crate::metrics::{Metrics, Timed};
 use crate::password::PasswordHasher;
 use crate::service::users::Profile;
@@ -43,6 +44,7 @@ pub struct Application {
     metrics_listener: Option<(TcpAcceptor, u16)>,
     state: Arc<AppState>,
     audit_worker: AuditWorker,
+    mail_worker: MailWorker,
 }
 
 /// `/v1/users/me`'s reads, folded together under load. Two queries at a time: one in the
@@ -74,7 +76,14 @@ impl Application {
     /// binds the listeners.
     pub async fn build(config: Config, clock: Clock) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
+        // Templates first: a broken override stops start-up before anything connects.
+        let templates = Templates::load(config.email_templates_dir.as_deref(), &config.product_name)
+            .context("loading the mail templates (EMAIL_TEMPLATES_DIR)")?;
+        let mail_transport = crate::mail::transport::Transport::from_config(&config)?;
         let mut db = db::connect(&config).await.context("connecting to the database (DATABASE_URL)")?;
+        // The mail workers' handle on the pool, without the per-statement metrics: their
+        // polling would blur the statement counts of requests (they have metrics of their own).
+        let mail_db = db.clone();
         let db_metrics = Arc::clone(&metrics);
         db.set_metric_callback(move |info| db_metrics.dependency("database", info.elapsed, !info.failed));
         db::migrate_and_prepare(&config, &db, clock.now())
@@ -132,6 +141,14 @@ impl Application {
 
         let (audit, audit_worker) = Auditor::start(db.clone(), config.audit_queue_capacity, clock.clone());
         let profiles = profile_reads(&config, &db, &metrics);
+        let outbox = Outbox::new(Arc::new(templates), &config, clock.clone());
+        let mail_worker = MailWorker::start(
+            mail_db,
+            mail_transport,
+            crate::mail::worker::WorkerSettings::from_config(&config),
+            Arc::clone(&metrics),
+            clock.clone(),
+        );
         let state = Arc::new(AppState {
             config,
             db,
@@ -146,12 +163,13 @@ impl Application {
             revocations: sessions::Pending::default(),
             devices: crate::service::devices::DeviceKey::new(&device_secret),
             warned_untrusted_forwarding: AtomicBool::new(false),
+            outbox,
         });
         sessions::spawn_pruner(Arc::downgrade(&state));
         sessions::spawn_reconciler(Arc::downgrade(&state));
         crate::audit::spawn_pruner(Arc::downgrade(&state));
         spawn_key_refresher(Arc::downgrade(&state));
-        Ok(Self { acceptor, port, metrics_listener, state, audit_worker })
+        Ok(Self { acceptor, port, metrics_listener, state, audit_worker, mail_worker })
     }
 
     /// The metrics listener's port, when it is enabled.
@@ -168,7 +186,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish (bounded by
-    /// `SHUTDOWN_TIMEOUT`), drains the audit queue into SQL and closes the SQL pool. The
+    /// `SHUTDOWN_TIMEOUT`), stops the mail workers (unsent mail stays queued), drains the
+    /// audit queue into SQL and closes the SQL pool. The
     /// public listener is served by `serve` (hyper directly, for the header timeout); the
     /// metrics listener by poem's `Server`.
     pub async fn run_until_stopped(
@@ -212,6 +231,8 @@ impl Application {
         if let Some(server) = metrics_server {
             let _ = server.await;
         }
+        // Mail still queued stays in the outbox for the next start.
+        self.mail_worker.shutdown().await;
         self.audit_worker.shutdown().await;
         let db = self.state.db.clone();
         db.close().await.context("closing the database pool")?;

@@ -35,4 +35,6 @@ pub struct AppState {
     pub devices: crate::service::devices::DeviceKey,
     /// Forwarding headers arrived with no proxy trusted: said once in the log.
     pub warned_untrusted_forwarding: AtomicBool,
+    /// Queues mail, in the caller's transaction (see `mail`).
+    pub outbox: crate::mail::Outbox,
 }

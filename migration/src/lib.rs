@@ -9,6 +9,7 @@ mod m20261124_000001_initial;
 mod m20261124_000002_oauth_clients;
 mod m20261201_000003_revocation;
 mod m20261201_000004_server_secrets;
+mod m20261210_000005_email_outbox;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_oauth_clients::Migration),
             Box::new(m20261201_000003_revocation::Migration),
             Box::new(m20261201_000004_server_secrets::Migration),
+            Box::new(m20261210_000005_email_outbox::Migration),
         ]
     }
 }

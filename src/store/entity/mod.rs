@@ -1,6 +1,7 @@
 //! sea-orm entities, one per table of the data model (see `migration/`).
 
 pub mod audit_log;
+pub mod email_outbox;
 pub mod oauth_client;
 pub mod refresh_token;
 pub mod revocation_job;
