@@ -450,11 +450,23 @@ mod tests {
         let weak = hasher.judge(pw("password123"), &email, Strength::default()).await.expect("judged");
         assert!(weak.is_err());
         assert_eq!(hasher.pool.live.load(SeqCst), 1, "judged on a pool thread, not the reactor");
+        back_waiting(&hasher).await;
         let strong = hasher.judge(pw("correct horse battery staple"), &email, Strength::default()).await;
         let password = strong.expect("judged").expect("strong");
+        back_waiting(&hasher).await;
         let hash = hasher.hash(password).await.expect("hash");
+        back_waiting(&hasher).await;
         assert!(hasher.verify(pw("correct horse battery staple"), Some(&hash)).await.expect("verify"));
         assert_eq!(hasher.pool.live.load(SeqCst), 1, "the waiting thread took each next job");
+    }
+
+    /// Until the pool's thread is back waiting for a job: on a loaded machine it may not be
+    /// yet when its answer arrives, and the next job would then start a second thread.
+    async fn back_waiting(hasher: &PasswordHasher) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hasher.pool.idle.load(SeqCst) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     #[tokio::test]
@@ -464,6 +476,7 @@ mod tests {
         assert!(!hasher.verify(pw("first"), None).await.expect("verify"));
         assert_eq!(hasher.pool.live.load(SeqCst), 1, "one job, one thread");
         // A second job, sequential, goes to the waiting thread rather than a new one.
+        back_waiting(&hasher).await;
         assert!(!hasher.verify(pw("second"), None).await.expect("verify"));
         assert_eq!(hasher.pool.live.load(SeqCst), 1);
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -89,10 +89,7 @@ pub async fn charge(
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
     let decision = state.limits.take(&bucket(limit, key), rate, state.clock.now().timestamp_millis()).await?;
-    match decision.retry_after_secs() {
-        None => Ok(()),
-        Some(secs) => Err(limited(state, limit, key, secs, client)),
-    }
+    answer(state, limit, key, decision, client)
 }
 
 /// Answers 429 if `limit`'s bucket for `key` has no token left, taking none: for budgets
@@ -105,6 +102,16 @@ pub async fn check(
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
     let decision = state.limits.peek(&bucket(limit, key), rate, state.clock.now().timestamp_millis()).await?;
+    answer(state, limit, key, decision, client)
+}
+
+fn answer(
+    state: &AppState,
+    limit: Limit,
+    key: &str,
+    decision: Decision,
+    client: &ClientInfo,
+) -> Result<(), ApiError> {
     match decision.retry_after_secs() {
         None => Ok(()),
         Some(secs) => Err(limited(state, limit, key, secs, client)),
