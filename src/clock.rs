@@ -30,6 +30,11 @@ impl Clock {
     }
 }
 
+/// The time from `now` until `then`; zero once it has passed.
+pub fn until(now: DateTime<Utc>, then: DateTime<Utc>) -> std::time::Duration {
+    (then - now).to_std().unwrap_or(std::time::Duration::ZERO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ use crate::service::{auth, clients, sessions};
 use crate::state::AppState;
 use crate::store::entity::session;
 use crate::store::revocation::TokenState;
+use crate::token::refresh_token_hash;
 use sea_orm::EntityTrait as _;
 
 /// RFC 8414 metadata. Only fields that are true: Latchkey has no authorization endpoint
@@ -279,7 +280,7 @@ async fn session_of(state: &AppState, presented: &str) -> Result<Option<uuid::Uu
     if presented.len() > 128 {
         return Ok(None);
     }
-    let row = auth::find_refresh_token(&state.db, presented).await?;
+    let row = auth::find_refresh_token(&state.db, &refresh_token_hash(presented)).await?;
     Ok(row.map(|r| r.session_id))
 }
 
@@ -309,7 +310,8 @@ async fn introspect(state: &AppState, presented: &str) -> Result<Introspection, 
         return Ok(Introspection::default());
     }
     // The store knows most refresh tokens' state; SQL answers when it has no entry.
-    match state.store.refresh_token(&crate::token::refresh_token_hash(presented)).await? {
+    let hash = refresh_token_hash(presented);
+    match state.store.refresh_token(&hash).await? {
         Some(TokenState::Live(t)) => {
             let live = t.expires_at > now
                 && state.store.session(t.session_id).await?.is_some_and(|s| s.user_id == t.user_id);
@@ -332,7 +334,7 @@ async fn introspect(state: &AppState, presented: &str) -> Result<Introspection, 
         Some(TokenState::Retired | TokenState::Revoked) => return Ok(Introspection::default()),
         None => {}
     }
-    let Some(row) = auth::find_refresh_token(&state.db, presented).await? else {
+    let Some(row) = auth::find_refresh_token(&state.db, &hash).await? else {
         return Ok(Introspection::default());
     };
     let session = session::Entity::find_by_id(row.session_id).one(&state.db).await?;

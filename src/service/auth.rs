@@ -59,10 +59,6 @@ fn seconds_until(now: DateTime<Utc>, then: DateTime<Utc>) -> u64 {
     u64::try_from((then - now).num_seconds()).unwrap_or(0)
 }
 
-fn std_until(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
-    (then - now).to_std().unwrap_or(Duration::ZERO)
-}
-
 pub async fn register(
     state: &AppState,
     email: Email,
@@ -304,7 +300,7 @@ async fn issue(
             token_hash: token::refresh_token_hash(&refresh_token),
             token,
             retired_hash,
-            ttl: std_until(now, token.expires_at),
+            ttl: crate::clock::until(now, token.expires_at),
         })
         .await?;
     if activated == Activated::Ended {
@@ -426,9 +422,7 @@ async fn refresh_from_sql(
     client: &ClientInfo,
     now: DateTime<Utc>,
 ) -> Result<Tokens, ApiError> {
-    let row = refresh_token::Entity::find()
-        .filter(refresh_token::Column::TokenHash.eq(hash))
-        .one(&state.db)
+    let row = find_refresh_token(&state.db, hash)
         .await?
         .ok_or_else(|| refresh_refused("The refresh token is not valid."))?;
     if row.revoked_at.is_some() {
@@ -595,15 +589,12 @@ pub async fn logout_all(state: &AppState, user_id: Uuid, client: &ClientInfo) ->
     Ok(())
 }
 
-/// The refresh-token row of a presented token, found by its hash.
+/// The refresh-token row whose token has this SHA-256 (`token::refresh_token_hash`).
 pub async fn find_refresh_token(
     db: &impl ConnectionTrait,
-    presented: &str,
+    hash: &str,
 ) -> Result<Option<refresh_token::Model>, ApiError> {
-    Ok(refresh_token::Entity::find()
-        .filter(refresh_token::Column::TokenHash.eq(token::refresh_token_hash(presented)))
-        .one(db)
-        .await?)
+    Ok(refresh_token::Entity::find().filter(refresh_token::Column::TokenHash.eq(hash)).one(db).await?)
 }
 
 /// The signed-in account and its roles, read from SQL (by a query that may serve other

@@ -135,10 +135,6 @@ impl Pending {
     }
 }
 
-fn std_until(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
-    (then - now).to_std().unwrap_or(Duration::ZERO)
-}
-
 /// Ends the sessions in `scope`; returns the ids of those that were live in SQL.
 /// Idempotent: ending an ended session changes nothing.
 pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> {
@@ -225,8 +221,10 @@ async fn tell_store(
     hashes: &[String],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let endings: Vec<Ending> =
-        ended.iter().map(|(id, exp)| Ending { session_id: *id, ttl: std_until(now, *exp) }).collect();
+    let endings: Vec<Ending> = ended
+        .iter()
+        .map(|(id, exp)| Ending { session_id: *id, ttl: crate::clock::until(now, *exp) })
+        .collect();
     let (mut sessions, mut tokens) = (endings.chunks(BATCH), hashes.chunks(BATCH));
     loop {
         match (sessions.next(), tokens.next()) {
