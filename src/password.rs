@@ -445,19 +445,19 @@ mod tests {
 
     #[tokio::test]
     async fn new_passwords_are_judged_on_the_pool_then_hashed_by_the_same_thread() {
-        let hasher = PasswordHasher::start_with(2, 8, Duration::from_secs(5)).expect("pool");
+        // One thread at most: whether a second would be started is the business of
+        // `threads_start_with_work_and_leave_when_idle`; here a loaded CI machine made it
+        // flaky (stop 18) and hid what this test is about, which thread does the work.
+        let hasher = PasswordHasher::start_with(1, 8, Duration::from_secs(5)).expect("pool");
         let email = Email::parse("ada@example.com").expect("email");
         let weak = hasher.judge(pw("password123"), &email, Strength::default()).await.expect("judged");
         assert!(weak.is_err());
         assert_eq!(hasher.pool.live.load(SeqCst), 1, "judged on a pool thread, not the reactor");
-        back_waiting(&hasher).await;
         let strong = hasher.judge(pw("correct horse battery staple"), &email, Strength::default()).await;
         let password = strong.expect("judged").expect("strong");
-        back_waiting(&hasher).await;
         let hash = hasher.hash(password).await.expect("hash");
-        back_waiting(&hasher).await;
         assert!(hasher.verify(pw("correct horse battery staple"), Some(&hash)).await.expect("verify"));
-        assert_eq!(hasher.pool.live.load(SeqCst), 1, "the waiting thread took each next job");
+        assert_eq!(hasher.pool.live.load(SeqCst), 1, "the pool's thread did every job");
     }
 
     /// Until the pool's thread is back waiting for a job: on a loaded machine it may not be
