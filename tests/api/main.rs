@@ -12,6 +12,7 @@ mod example;
 mod flow;
 mod helpers;
 mod limits;
+mod location;
 mod mail;
 mod openapi;
 mod ops;
