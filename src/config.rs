@@ -208,6 +208,9 @@ pub struct Config {
     pub mail_max_attempts: u32,
     pub mail_retry_base: Duration,
     pub mail_retry_max: Duration,
+    /// A MaxMind-format city database (`.mmdb`); sessions then show `location`. Opened at
+    /// start (see `geoip`): a file that cannot be used stops start-up.
+    pub geoip_database: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -333,6 +336,7 @@ impl Config {
             mail_max_attempts: env.parse("MAIL_MAX_ATTEMPTS", "10")?,
             mail_retry_base: env.duration("MAIL_RETRY_BASE", "30s")?,
             mail_retry_max: env.duration("MAIL_RETRY_MAX", "1h")?,
+            geoip_database: env.optional("GEOIP_DATABASE").map(Into::into),
         };
         config.validate()?;
         Ok(config)
@@ -712,6 +716,9 @@ mod tests {
         assert_eq!(c.link_base(), "http://localhost:8080/account");
         let c = config(&[("APP_URL", "https://app.example.com/")]).expect("config");
         assert_eq!(c.link_base(), "https://app.example.com");
+        assert!(c.geoip_database.is_none(), "off by default");
+        let c = config(&[("GEOIP_DATABASE", "/var/lib/geoip/city.mmdb")]).expect("config");
+        assert_eq!(c.geoip_database.as_deref(), Some(std::path::Path::new("/var/lib/geoip/city.mmdb")));
         for (var, value) in [
             ("EMAIL_FROM", "not a mailbox"),
             ("APP_URL", "app.example.com"),

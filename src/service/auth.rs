@@ -133,6 +133,8 @@ pub async fn login(
     let jti = Uuid::now_v7();
     let ip = client.ip.map(|ip| ip.to_string());
     let ua = user_agent(client);
+    // Looked up once, here: refreshes keep the login's location.
+    let location = client.ip.and_then(|ip| state.geoip.as_ref()?.locate(ip));
 
     let new_session = session::ActiveModel {
         id: Set(session_id),
@@ -144,14 +146,16 @@ pub async fn login(
         last_used_at: Set(now),
         expires_at: Set(expires_at),
         revoked_at: Set(None),
+        location: Set(location.clone()),
     };
     let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
     write_login(&state.db, new_session, first_token, account.id, now).await?;
+    let mut detail = serde_json::json!({"session_id": session_id});
+    if let Some(location) = location {
+        detail["location"] = location.into();
+    }
     state.audit.record(
-        AuditEvent::new("login_success", "success", now)
-            .user(account.id)
-            .client(client)
-            .detail(serde_json::json!({"session_id": session_id})),
+        AuditEvent::new("login_success", "success", now).user(account.id).client(client).detail(detail),
     );
 
     let info = TokenInfo { jti, session_id, user_id: account.id, issued_at: now, expires_at };
