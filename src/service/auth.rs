@@ -19,8 +19,9 @@ use super::{ClientInfo, sessions, users};
 use crate::audit::AuditEvent;
 use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
+use crate::mail::{LinkPage, Mail};
 use crate::state::AppState;
-use crate::store::entity::{refresh_token, role, session, user, user_role};
+use crate::store::entity::{email_outbox, refresh_token, role, session, user, user_role};
 use crate::store::revocation::{Activated, Activation, SessionRecord, TokenInfo, TokenState};
 use crate::token::{self, AccessClaims};
 
@@ -135,6 +136,19 @@ pub async fn login(
     let ua = user_agent(client);
     // Looked up once, here: refreshes keep the login's location.
     let location = client.ip.and_then(|ip| state.geoip.as_ref()?.locate(ip));
+    // A login without a valid device token comes from a device this account has not used
+    // (or has forgotten): with NOTIFY_NEW_DEVICE, its owner hears of it.
+    let notice = match device {
+        None if state.config.notify_new_device => Some(state.outbox.row(&Mail::NewSignIn {
+            to: email.clone(),
+            device: sessions::device_label(ua.as_deref()),
+            ip: ip.clone().unwrap_or_else(|| "unknown".to_owned()),
+            location: location.clone(),
+            time: now.format("%Y-%m-%d %H:%M UTC").to_string(),
+            link: state.outbox.page(LinkPage::Sessions),
+        })?),
+        _ => None,
+    };
 
     let new_session = session::ActiveModel {
         id: Set(session_id),
@@ -149,7 +163,7 @@ pub async fn login(
         location: Set(location.clone()),
     };
     let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
-    write_login(&state.db, new_session, first_token, account.id, now).await?;
+    write_login(&state.db, new_session, first_token, notice, account.id, now).await?;
     let mut detail = serde_json::json!({"session_id": session_id});
     if let Some(location) = location {
         detail["location"] = location.into();
@@ -204,15 +218,17 @@ fn login_failed(
     invalid_credentials()
 }
 
-/// Writes a new session, its first refresh token and the account's last login, all or
-/// nothing. On PostgreSQL that is one statement, the inserts being data-modifying CTEs of the
-/// update (the token's foreign key to the session is checked at the end of the statement):
-/// one round trip instead of five (BEGIN, three statements, COMMIT). SQLite has no
-/// data-modifying CTEs, so there they run in a transaction.
+/// Writes a new session, its first refresh token, the account's last login and the
+/// new-device mail if there is one, all or nothing: a login that fails queues no mail, and
+/// one that commits cannot lose it. On PostgreSQL that is one statement, the inserts being
+/// data-modifying CTEs of the update (the token's foreign key to the session is checked at
+/// the end of the statement): one round trip instead of five or more (BEGIN, the statements,
+/// COMMIT). SQLite has no data-modifying CTEs, so there they run in a transaction.
 async fn write_login(
     db: &DatabaseConnection,
     session: session::ActiveModel,
     token: refresh_token::ActiveModel,
+    notice: Option<email_outbox::ActiveModel>,
     user_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
@@ -220,7 +236,7 @@ async fn write_login(
         .col_expr(user::Column::LastLoginAt, Expr::value(now))
         .filter(user::Column::Id.eq(user_id));
     if db.get_database_backend() == DbBackend::Postgres {
-        let writes = WithClause::new()
+        let mut writes = WithClause::new()
             .cte(
                 CommonTableExpression::new()
                     .query(session::Entity::insert(session).into_query())
@@ -234,6 +250,14 @@ async fn write_login(
                     .to_owned(),
             )
             .to_owned();
+        if let Some(mail) = notice {
+            writes.cte(
+                CommonTableExpression::new()
+                    .query(email_outbox::Entity::insert(mail).into_query())
+                    .table_name("new_device_mail")
+                    .to_owned(),
+            );
+        }
         db.execute(&touch.into_query().with(writes)).await?;
         return Ok(());
     }
@@ -241,6 +265,9 @@ async fn write_login(
     session.insert(&txn).await?;
     token.insert(&txn).await?;
     touch.exec(&txn).await?;
+    if let Some(mail) = notice {
+        mail.insert(&txn).await?;
+    }
     txn.commit().await?;
     Ok(())
 }
