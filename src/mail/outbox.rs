@@ -80,8 +80,8 @@ impl Outbox {
         Ok(self.row(mail)?.insert(conn).await?.id)
     }
 
-    /// `mail` rendered into a queued outbox row, not yet written: for a caller that writes
-    /// it as part of a statement of its own (login's, on PostgreSQL, is one statement).
+    /// `mail` rendered into a queued outbox row, not yet written: for a caller that renders
+    /// before its transaction begins and inserts the row in it (login, its new-device mail).
     pub fn row(&self, mail: &Mail) -> Result<email_outbox::ActiveModel, MailError> {
         let Rendered { subject, text, html } = self.templates.render(mail)?;
         let now = self.clock.now();
