@@ -739,6 +739,8 @@ mod tests {
             exp: now.timestamp() + 900,
             roles: vec![],
             email_verified: false,
+            amr: vec!["pwd".into()],
+            auth_time: now.timestamp(),
         }
     }
 

@@ -291,6 +291,18 @@ mod timed_impls {
         async fn refresh_token(&self, hash: &str) -> Result<Option<TokenState>, StoreError> {
             self.time(self.inner.refresh_token(hash)).await
         }
+        async fn stash(&self, key: &str, value: &str, ttl: std::time::Duration) -> Result<(), StoreError> {
+            self.time(self.inner.stash(key, value, ttl)).await
+        }
+        async fn peek(&self, key: &str) -> Result<Option<String>, StoreError> {
+            self.time(self.inner.peek(key)).await
+        }
+        async fn take(&self, key: &str) -> Result<Option<String>, StoreError> {
+            self.time(self.inner.take(key)).await
+        }
+        async fn count(&self, key: &str, ttl: std::time::Duration) -> Result<u64, StoreError> {
+            self.time(self.inner.count(key, ttl)).await
+        }
     }
 
     #[async_trait]

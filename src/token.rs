@@ -26,6 +26,13 @@ pub struct AccessClaims {
     /// Whether the user's current email address has been verified (issue 15).
     #[serde(default)]
     pub email_verified: bool,
+    /// How the session was authenticated (RFC 8176): `pwd`; `pwd otp mfa` or `pwd hwk mfa`
+    /// with a second factor; `hwk user mfa` for a passkey login.
+    #[serde(default)]
+    pub amr: Vec<String>,
+    /// When that authentication happened (Unix seconds); refreshes keep it.
+    #[serde(default)]
+    pub auth_time: i64,
 }
 
 /// A new refresh token: 256 bits from the OS CSPRNG, base64url (43 characters).

@@ -12,6 +12,7 @@ mod m20261201_000004_server_secrets;
 mod m20261210_000005_email_outbox;
 mod m20261211_000006_accounts;
 mod m20261211_000007_session_location;
+mod m20261212_000008_mfa;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261210_000005_email_outbox::Migration),
             Box::new(m20261211_000006_accounts::Migration),
             Box::new(m20261211_000007_session_location::Migration),
+            Box::new(m20261212_000008_mfa::Migration),
         ]
     }
 }

@@ -131,7 +131,44 @@ pub async fn login(
         return Err(unverified(state, &account, client, now).await);
     }
     state.metrics.login("success");
+    open_session(state, &account, roles, Amr::PASSWORD, device, client, now).await
+}
 
+/// How the user proved who they are (RFC 8176 `amr` values), as a session keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Amr(&'static str);
+
+impl Amr {
+    pub const PASSWORD: Amr = Amr("pwd");
+    pub const PASSWORD_OTP: Amr = Amr("pwd otp mfa");
+    pub const PASSWORD_PASSKEY: Amr = Amr("pwd hwk mfa");
+    /// A passkey with user verification: possession and a PIN or biometric.
+    pub const PASSKEY: Amr = Amr("hwk user mfa");
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+/// A stored `amr` as the claim's list.
+pub fn amr_list(stored: &str) -> Vec<String> {
+    stored.split_whitespace().map(str::to_owned).collect()
+}
+
+/// Starts a session for `account`, authenticated by `amr` now: writes it with its first
+/// refresh token, makes it live, signs the tokens and names the device. Every way of
+/// logging in ends here.
+pub async fn open_session(
+    state: &AppState,
+    account: &user::Model,
+    roles: Vec<String>,
+    amr: Amr,
+    device: Option<Uuid>,
+    client: &ClientInfo,
+    now: DateTime<Utc>,
+) -> Result<Tokens, ApiError> {
+    let email = crate::domain::Email::parse(&account.email).map_err(|_| ApiError::internal("a stored email does not parse"))?;
+    let account_key = email.as_str();
     let ttl = chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
     let session_id = Uuid::new_v4();
     let expires_at = now + ttl;
@@ -166,6 +203,8 @@ pub async fn login(
         expires_at: Set(expires_at),
         revoked_at: Set(None),
         location: Set(location.clone()),
+        amr: Set(amr.as_str().to_owned()),
+        auth_time: Set(now),
     };
     let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
     if !write_login(&state.db, new_session, first_token, notice, account.id, now).await? {
@@ -174,7 +213,7 @@ pub async fn login(
         sessions::end(state, sessions::Scope::One(session_id)).await?;
         return Err(login_failed(state, Some(account.id), client, now));
     }
-    let mut detail = serde_json::json!({"session_id": session_id});
+    let mut detail = serde_json::json!({"session_id": session_id, "amr": amr.as_str()});
     if let Some(location) = location {
         detail["location"] = location.into();
     }
@@ -183,7 +222,12 @@ pub async fn login(
     );
 
     let info = TokenInfo { jti, session_id, user_id: account.id, issued_at: now, expires_at };
-    let claims = Claims { roles, email_verified: account.email_verified_at.is_some() };
+    let claims = Claims {
+        roles,
+        email_verified: account.email_verified_at.is_some(),
+        amr: amr_list(amr.as_str()),
+        auth_time: now,
+    };
     let mut tokens = issue(state, info, claims, refresh, None, now).await?;
     // The same device keeps its id; a new one gets one.
     tokens.device_token = Some(state.devices.issue(account_key, device.unwrap_or_else(Uuid::new_v4), now));
@@ -340,20 +384,32 @@ fn refresh_token_row(
     }
 }
 
-/// What an access token says of its user besides who it is.
+/// What an access token says of its user and session besides who they are.
 pub struct Claims {
     pub roles: Vec<String>,
     pub email_verified: bool,
+    /// How the session's login was authenticated; a refresh keeps it.
+    pub amr: Vec<String>,
+    pub auth_time: DateTime<Utc>,
 }
 
-/// The user's roles and whether their email is verified, from SQL in one query; `None` if
-/// the account is gone.
-async fn claims_of(db: &impl ConnectionTrait, user_id: Uuid) -> Result<Option<Claims>, ApiError> {
+/// The user's roles and whether their email is verified (from SQL in one query), with the
+/// session's authentication; `None` if the account is gone.
+async fn claims_of(
+    db: &impl ConnectionTrait,
+    user_id: Uuid,
+    session: &session::Model,
+) -> Result<Option<Claims>, ApiError> {
     let rows = user::Entity::find_by_id(user_id).find_with_related(role::Entity).all(db).await?;
     Ok(rows.into_iter().next().map(|(account, roles)| {
         let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
         roles.sort();
-        Claims { roles, email_verified: account.email_verified_at.is_some() }
+        Claims {
+            roles,
+            email_verified: account.email_verified_at.is_some(),
+            amr: amr_list(&session.amr),
+            auth_time: session.auth_time,
+        }
     }))
 }
 
@@ -411,6 +467,8 @@ async fn issue(
         exp: exp.timestamp(),
         roles: claims.roles,
         email_verified: claims.email_verified,
+        amr: claims.amr,
+        auth_time: claims.auth_time.timestamp(),
     };
     Ok(Tokens {
         access_token: state.keys.current().sign(&claims, now)?,
@@ -584,13 +642,16 @@ async fn rotate(
     )
     .insert(&txn)
     .await?;
-    session::Entity::update_many()
+    // The session row comes back with the update: its authentication is the refreshed
+    // token's (a refresh is not a new login).
+    let touched = session::Entity::update_many()
         .col_expr(session::Column::LastUsedAt, Expr::value(now))
         .col_expr(session::Column::LastUsedIp, Expr::value(client.ip.map(|ip| ip.to_string())))
         .filter(session::Column::Id.eq(parent.session_id))
-        .exec(&txn)
+        .exec_with_returning(&txn)
         .await?;
-    let claims = claims_of(&txn, parent.user_id).await?.ok_or_else(session_ended)?;
+    let session = touched.into_iter().next().ok_or_else(session_ended)?;
+    let claims = claims_of(&txn, parent.user_id, &session).await?.ok_or_else(session_ended)?;
     txn.commit().await?;
 
     state.audit.record(
@@ -624,7 +685,7 @@ async fn reuse(
                     .client(client)
                     .detail(serde_json::json!({"session_id": session.id, "token_id": row.id})),
             );
-            let claims = claims_of(&state.db, row.user_id).await?.ok_or_else(session_ended)?;
+            let claims = claims_of(&state.db, row.user_id, session).await?.ok_or_else(session_ended)?;
             let info = TokenInfo {
                 jti: successor.id,
                 session_id: session.id,

@@ -177,7 +177,23 @@ pub trait RevocationStore: Send + Sync + 'static {
     async fn end(&self, sessions: &[Ending], token_hashes: &[String]) -> Result<(), StoreError>;
     /// What the store knows of a refresh token; `None`: ask SQL.
     async fn refresh_token(&self, token_hash: &str) -> Result<Option<TokenState>, StoreError>;
+
+    /// Short-lived state that must be shared by every instance and used at most once (MFA
+    /// tickets, WebAuthn ceremonies): `value` under `key` for `ttl`.
+    async fn stash(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError>;
+    /// The stashed value, left in place.
+    async fn peek(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// The stashed value, deleted in the same step: of concurrent takers, one gets it.
+    async fn take(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Adds one to the counter at `key` (which lives `ttl` from its first count) and
+    /// returns the new count.
+    async fn count(&self, key: &str, ttl: Duration) -> Result<u64, StoreError>;
 }
+
+/// The most stashed values and counters the in-process store holds: they are created by
+/// requests (a passkey login's challenge needs no account), so they are bounded; past it,
+/// new ones are refused (503) until old ones expire.
+pub const MAX_STASHED: usize = 100_000;
 
 /// Session lookups per `MGET` at most, and `MGET`s in flight at once: requests that
 /// arrive while they run go together in the next one.
@@ -265,6 +281,10 @@ impl RedisStore {
     fn token_key(&self, hash: &str) -> String {
         format!("{}rt:{hash}", self.prefix)
     }
+
+    fn stash_key(&self, key: &str) -> String {
+        format!("{}x:{key}", self.prefix)
+    }
 }
 
 fn session_key(prefix: &str, id: Uuid) -> String {
@@ -344,6 +364,45 @@ impl RevocationStore for RedisStore {
             .map_err(redis_err)?;
         Ok(raw.as_deref().and_then(TokenState::decode))
     }
+
+    async fn stash(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.stash_key(key))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn peek(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET").arg(self.stash_key(key)).query_async(&mut conn).await.map_err(redis_err)
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GETDEL").arg(self.stash_key(key)).query_async(&mut conn).await.map_err(redis_err)
+    }
+
+    async fn count(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.stash_key(key);
+        let (count, _): (u64, i64) = redis::pipe()
+            .atomic()
+            .cmd("INCR")
+            .arg(&key)
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(ttl_ms(ttl))
+            .arg("NX")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(count)
+    }
 }
 
 /// The in-process store: the same semantics in maps behind one lock, for a single
@@ -360,6 +419,7 @@ struct Maps {
     sessions: HashMap<Uuid, (SessionRecord, Instant)>,
     tombstones: HashMap<Uuid, Instant>,
     tokens: HashMap<String, (TokenState, Instant)>,
+    stashed: HashMap<String, (String, Instant)>,
 }
 
 impl MemoryStore {
@@ -373,6 +433,7 @@ impl MemoryStore {
             m.sessions.retain(|_, (_, until)| *until > now);
             m.tombstones.retain(|_, until| *until > now);
             m.tokens.retain(|_, (_, until)| *until > now);
+            m.stashed.retain(|_, (_, until)| *until > now);
         }
     }
 
@@ -391,6 +452,17 @@ fn poisoned<T>(_: T) -> StoreError {
 }
 
 impl Maps {
+    /// Room for one more stashed entry: expired ones go first; none past [`MAX_STASHED`].
+    fn room(&mut self, key: &str, now: Instant) -> Result<(), StoreError> {
+        if self.stashed.len() >= MAX_STASHED && !self.stashed.contains_key(key) {
+            self.stashed.retain(|_, (_, until)| *until > now);
+            if self.stashed.len() >= MAX_STASHED {
+                return Err(StoreError("the in-process store's short-lived entries are full".into()));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a token state unless the present one is further along.
     fn advance_token(&mut self, hash: &str, state: TokenState, until: Instant, now: Instant) {
         let current = self.tokens.get(hash).filter(|(_, u)| *u > now).map(|(s, _)| s.rank());
@@ -456,6 +528,37 @@ impl RevocationStore for MemoryStore {
         let m = self.inner.lock().map_err(poisoned)?;
         Ok(m.tokens.get(token_hash).filter(|(_, until)| *until > Instant::now()).map(|(s, _)| *s))
     }
+
+    async fn stash(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut m = self.inner.lock().map_err(poisoned)?;
+        m.room(key, now)?;
+        m.stashed.insert(key.to_owned(), (value.to_owned(), now + ttl));
+        Ok(())
+    }
+
+    async fn peek(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let m = self.inner.lock().map_err(poisoned)?;
+        Ok(m.stashed.get(key).filter(|(_, until)| *until > Instant::now()).map(|(v, _)| v.clone()))
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut m = self.inner.lock().map_err(poisoned)?;
+        Ok(m.stashed.remove(key).filter(|(_, until)| *until > Instant::now()).map(|(v, _)| v))
+    }
+
+    async fn count(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+        let now = Instant::now();
+        let mut m = self.inner.lock().map_err(poisoned)?;
+        m.room(key, now)?;
+        let entry = m.stashed.entry(key.to_owned()).or_insert_with(|| ("0".to_owned(), now + ttl));
+        if entry.1 <= now {
+            *entry = ("0".to_owned(), now + ttl);
+        }
+        let count = entry.0.parse::<u64>().unwrap_or(0) + 1;
+        entry.0 = count.to_string();
+        Ok(count)
+    }
 }
 
 #[cfg(test)]
@@ -490,7 +593,25 @@ mod tests {
     }
 
     /// The contract both stores keep: live, ended, tombstone, token states.
+    async fn stash_contract(store: &dyn RevocationStore) {
+        let key = format!("k{}", Uuid::new_v4().simple());
+        assert_eq!(store.take(&key).await.expect("take"), None);
+        store.stash(&key, "v1", Duration::from_secs(60)).await.expect("stash");
+        assert_eq!(store.peek(&key).await.expect("peek").as_deref(), Some("v1"));
+        assert_eq!(store.take(&key).await.expect("take").as_deref(), Some("v1"));
+        assert_eq!(store.take(&key).await.expect("take"), None, "taken once");
+        let counter = format!("c{}", Uuid::new_v4().simple());
+        for n in 1..=3 {
+            assert_eq!(store.count(&counter, Duration::from_secs(60)).await.expect("count"), n);
+        }
+        let short = format!("s{}", Uuid::new_v4().simple());
+        store.stash(&short, "v", Duration::from_millis(50)).await.expect("stash");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(store.peek(&short).await.expect("peek"), None, "expired");
+    }
+
     async fn contract(store: &dyn RevocationStore) {
+        stash_contract(store).await;
         let a = activation(Duration::from_secs(60));
         assert_eq!(store.activate(&a).await.expect("activate"), Activated::Live);
         assert_eq!(store.session(a.session_id).await.expect("get"), Some(a.record.clone()));

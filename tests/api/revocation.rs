@@ -200,6 +200,8 @@ async fn plant_sessions(app: &TestApp, user_id: &str) {
             expires_at: Set(now + chrono::Duration::days(30)),
             revoked_at: Set(None),
             location: Set(None),
+            amr: Set("pwd".into()),
+            auth_time: Set(used),
         });
         session::Entity::insert_many(rows).exec(&app.state.db).await.unwrap();
     }

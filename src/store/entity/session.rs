@@ -15,6 +15,10 @@ pub struct Model {
     pub revoked_at: Option<DateTimeUtc>,
     /// Where the login came from ("Berlin, DE"), when `GEOIP_DATABASE` knew the address.
     pub location: Option<String>,
+    /// How the login was authenticated: RFC 8176 `amr` values, space-separated.
+    pub amr: String,
+    /// When that login happened (refreshes keep it).
+    pub auth_time: DateTimeUtc,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
