@@ -33,6 +33,7 @@ pub enum ErrorCode {
     EmailNotVerified,
     InvalidOneTimeToken,
     WrongPassword,
+    InvalidMfaCode,
     Forbidden,
     NotFound,
     MethodNotAllowed,
@@ -58,6 +59,7 @@ impl ErrorCode {
             Self::EmailNotVerified => "email_not_verified",
             Self::InvalidOneTimeToken => "invalid_one_time_token",
             Self::WrongPassword => "wrong_password",
+            Self::InvalidMfaCode => "invalid_mfa_code",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -78,7 +80,8 @@ impl ErrorCode {
             | Self::InvalidClient
             | Self::TokenExpired
             | Self::TokenRevoked
-            | Self::RefreshTokenReused => StatusCode::UNAUTHORIZED,
+            | Self::RefreshTokenReused
+            | Self::InvalidMfaCode => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::EmailNotVerified | Self::WrongPassword => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -106,6 +109,7 @@ impl ErrorCode {
             Self::EmailNotVerified => "The email address is not verified yet",
             Self::InvalidOneTimeToken => "The link is invalid, used or expired",
             Self::WrongPassword => "The current password is wrong",
+            Self::InvalidMfaCode => "The second factor was not accepted",
             Self::Forbidden => "Not allowed",
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
@@ -194,7 +198,7 @@ impl ApiError {
             return Some(r#"Bearer realm="latchkey""#.to_owned());
         }
         let error = match self.code {
-            ErrorCode::InvalidCredentials => "invalid_request",
+            ErrorCode::InvalidCredentials | ErrorCode::InvalidMfaCode => "invalid_request",
             _ => "invalid_token",
         };
         let description = self.code.title().replace('"', "'");
@@ -258,7 +262,7 @@ impl ApiResponse for ApiError {
                 ),
                 response(
                     401,
-                    "`invalid_credentials`, `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`.",
+                    "`invalid_credentials` (also a passkey login whose passkey is not accepted), `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`, `invalid_mfa_code` (a second factor that was not accepted).",
                     vec![with_header("WWW-Authenticate", "RFC 6750 challenge")],
                 ),
                 response(

@@ -7,6 +7,7 @@ pub mod client;
 pub mod health;
 pub mod keys;
 pub mod oauth;
+pub mod passkeys;
 pub mod security;
 pub mod users;
 
@@ -18,6 +19,8 @@ pub enum ApiTags {
     Auth,
     /// The signed-in user.
     Users,
+    /// Passkeys (WebAuthn): register, list and remove them; log in without a password.
+    Passkeys,
     /// Public keys for verifying access tokens offline.
     Keys,
     /// Liveness and readiness.
@@ -29,14 +32,29 @@ pub enum ApiTags {
     OAuth,
 }
 
-pub type Apis =
-    (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, oauth::OAuthApi, health::HealthApi);
+pub type Apis = (
+    auth::AuthApi,
+    users::UsersApi,
+    passkeys::PasskeysApi,
+    admin::AdminApi,
+    keys::KeysApi,
+    oauth::OAuthApi,
+    health::HealthApi,
+);
 
 /// The API with its OpenAPI document. Needs no state: handlers read it from request data,
 /// so `latchkey openapi` can print the spec without a database.
 pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, oauth::OAuthApi, health::HealthApi),
+        (
+            auth::AuthApi,
+            users::UsersApi,
+            passkeys::PasskeysApi,
+            admin::AdminApi,
+            keys::KeysApi,
+            oauth::OAuthApi,
+            health::HealthApi,
+        ),
         "Latchkey",
         env!("CARGO_PKG_VERSION"),
     )

@@ -428,7 +428,7 @@ pub async fn reset_password(
 
 /// The signed-in user's account, with the current password checked. Charged to the
 /// account's login budget first, so a stolen access token cannot guess the password.
-async fn confirm_identity(
+pub(crate) async fn confirm_identity(
     state: &AppState,
     user_id: Uuid,
     current: Password,

@@ -167,7 +167,8 @@ pub async fn open_session(
     client: &ClientInfo,
     now: DateTime<Utc>,
 ) -> Result<Tokens, ApiError> {
-    let email = crate::domain::Email::parse(&account.email).map_err(|_| ApiError::internal("a stored email does not parse"))?;
+    let email = crate::domain::Email::parse(&account.email)
+        .map_err(|_| ApiError::internal("a stored email does not parse"))?;
     let account_key = email.as_str();
     let ttl = chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
     let session_id = Uuid::new_v4();
@@ -248,7 +249,7 @@ pub async fn open_session(
 
 /// `EMAIL_VERIFICATION=required` and the password was right, but the address is not
 /// verified: 403 `email_not_verified`, and a fresh link is mailed (within the mail limits).
-async fn unverified(
+pub(crate) async fn unverified(
     state: &AppState,
     account: &user::Model,
     client: &ClientInfo,
