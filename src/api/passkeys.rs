@@ -119,7 +119,8 @@ impl PasskeysApi {
     /// Creation options for a new passkey of the signed-in user (user verification
     /// required, a discoverable credential preferred so it can sign in without a password;
     /// the account's passkeys are excluded). 400 `validation_failed` when the account has
-    /// 50 passkeys; 404 `not_found` when passkeys are not enabled on this server.
+    /// 50 passkeys; 404 `not_found` when passkeys are not enabled on this server. Counts
+    /// against `RATE_LIMIT_LOGIN_PER_IP` like the login options (429 `rate_limited`).
     #[oai(
         path = "/v1/users/me/passkeys/options",
         method = "post",
@@ -128,9 +129,11 @@ impl PasskeysApi {
     async fn registration_options(
         &self,
         state: Data<&Arc<AppState>>,
+        req: &Request,
         auth: BearerAuth,
     ) -> Result<Json<CeremonyOptions>, ApiError> {
-        let ceremony = passkeys::registration_options(&state, auth.0.claims.sub).await?;
+        let client = client_info(req, &state);
+        let ceremony = passkeys::registration_options(&state, auth.0.claims.sub, &client).await?;
         Ok(Json(ceremony.into()))
     }
 

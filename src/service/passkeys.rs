@@ -161,9 +161,17 @@ pub async fn list(state: &AppState, user_id: Uuid) -> Result<Vec<Summary>, ApiEr
 }
 
 /// `POST /v1/users/me/passkeys/options`: creation options for a new passkey of the
-/// signed-in user, excluding the credentials the account already has.
-pub async fn registration_options(state: &AppState, user_id: Uuid) -> Result<Ceremony, ApiError> {
+/// signed-in user, excluding the credentials the account already has. Charged to the
+/// client's network like the passwordless options.
+pub async fn registration_options(
+    state: &AppState,
+    user_id: Uuid,
+    client: &ClientInfo,
+) -> Result<Ceremony, ApiError> {
     let rp = relying_party(state)?;
+    // Each one is state kept for a while: a token is no licence to fill the store.
+    let rate = state.config.rate_limit_login_per_ip;
+    limit::charge(state, Limit::PasskeyPerIp, &limit::ip_key(state, client), rate, client).await?;
     let (account, _) = users::profile_by_id(&state.db, user_id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::TokenRevoked, "The account no longer exists."))?;
@@ -369,14 +377,15 @@ pub async fn login(
     if !result.user_verified() {
         return Err(fail(Some(row.user_id), "user_not_verified"));
     }
-    if !record_use(state, &row, &mut stored, &result, "login", client, now).await? {
-        return Err(fail(Some(row.user_id), "passkey_refused"));
-    }
     let Some((account, roles)) = users::profile_by_id(&state.db, row.user_id).await? else {
         return Err(fail(None, "unknown_passkey"));
     };
+    // A disabled account is answered like any other failure.
     if account.disabled_at.is_some() {
         return Err(fail(Some(account.id), "disabled"));
+    }
+    if !record_use(state, &row, &mut stored, &result, "login", client, now).await? {
+        return Err(fail(Some(row.user_id), "passkey_refused"));
     }
     if state.config.email_verification == EmailVerification::Required && account.email_verified_at.is_none() {
         return Err(auth::unverified(state, &account, client, now).await);
