@@ -16,6 +16,7 @@ mod mail;
 mod openapi;
 mod ops;
 mod outage;
+mod pages;
 mod passwords;
 mod readme;
 mod revocation;

@@ -1,0 +1,390 @@
+//! The built-in account pages (`/account/…`, issue 15): their headers and markup over
+//! HTTP, and the pages themselves in a real headless browser (Debian's `chromium`, driven
+//! by the node scripts in `tests/browser/` through npm's `playwright-core`).
+//!
+//! The browser tests need `/usr/bin/chromium` (`apt-get install -y chromium`) and
+//! `npm ci --prefix tests/browser`; `.ci/run` does both. Without them they fail, saying so.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use base64::Engine as _;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+
+use crate::helpers::{Backend, Store, TestApp, assert_problem, eventually};
+
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+const PAGES: [&str; 3] = ["/account/verify-email", "/account/reset-password", "/account/confirm-email"];
+
+fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+/// The headers every response of the pages carries.
+fn assert_page_headers(resp: &reqwest::Response, path: &str) {
+    assert_eq!(header(resp, "content-security-policy"), CSP, "{path}");
+    assert_eq!(header(resp, "referrer-policy"), "no-referrer", "{path}");
+    assert_eq!(header(resp, "x-content-type-options"), "nosniff", "{path}");
+    assert_eq!(header(resp, "cache-control"), "no-store", "{path}");
+    assert_eq!(header(resp, "x-frame-options"), "DENY", "{path}");
+}
+
+/// Every `<script` tag loads a file and holds nothing; no inline style or event handler.
+fn assert_no_inline_code(html: &str, path: &str) {
+    let lower = html.to_ascii_lowercase();
+    for (at, _) in lower.match_indices("<script") {
+        let tag_end = at + lower[at..].find('>').expect("script tag closed");
+        let tag = &lower[at..=tag_end];
+        assert!(tag.contains(" src=\""), "{path}: a script without src: {tag}");
+        assert!(lower[tag_end + 1..].starts_with("</script>"), "{path}: a script with a body");
+    }
+    assert!(!lower.contains("<style"), "{path}: a <style> element");
+    assert!(!lower.contains("style="), "{path}: a style attribute");
+    for handler in [" onclick", " onload", " onsubmit", " onerror", " oninput", "javascript:"] {
+        assert!(!lower.contains(handler), "{path}: inline code {handler:?}");
+    }
+    assert!(!lower.contains("src=\"http") && !lower.contains("href=\"http"), "{path}: a third-party asset");
+}
+
+#[tokio::test]
+async fn the_account_pages_are_small_strict_html_with_the_product_name_escaped() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &[("PRODUCT_NAME", "<b>Acme</b> & Co")]).await;
+    for path in PAGES {
+        let resp = app.get(path, None).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&resp, "content-type"), "text/html; charset=utf-8", "{path}");
+        assert_page_headers(&resp, path);
+        let html = resp.text().await.unwrap();
+        assert!(html.starts_with("<!doctype html>"), "{path}: {html}");
+        for needle in [r#"<html lang="en">"#, "<main", r#"aria-live="polite""#, r#"<meta charset="utf-8">"#] {
+            assert!(html.contains(needle), "{path}: no {needle}: {html}");
+        }
+        assert_no_inline_code(&html, path);
+        // The product name, escaped, in the title and the page; never as markup.
+        assert!(!html.contains("<b>Acme"), "{path}: the product name unescaped: {html}");
+        let escaped = "&lt;b&gt;Acme&lt;";
+        let title = html.split("<title>").nth(1).and_then(|t| t.split("</title>").next()).unwrap();
+        assert!(title.contains(escaped) && title.contains("&amp; Co"), "{path}: {title}");
+        assert!(html.matches(escaped).count() >= 2, "{path}: {html}");
+    }
+
+    // The reset page's form: labelled fields a password manager understands.
+    let html = app.get("/account/reset-password", None).await.text().await.unwrap();
+    for needle in [
+        r#"<label for="new-password">"#,
+        r#"<label for="confirm-password">"#,
+        r#"autocomplete="new-password""#,
+        r#"minlength="8""#,
+        r#"type="password""#,
+    ] {
+        assert!(html.contains(needle), "reset page: no {needle}: {html}");
+    }
+    assert!(
+        app.get("/account/verify-email", None).await.text().await.unwrap().contains("Verify my email"),
+        "the verify button"
+    );
+    assert!(
+        app.get("/account/confirm-email", None).await.text().await.unwrap().contains("Confirm new email"),
+        "the confirm button"
+    );
+
+    // The script and the style sheet, from Latchkey itself.
+    for (path, content_type) in [
+        ("/account/account.js", "text/javascript; charset=utf-8"),
+        ("/account/account.css", "text/css; charset=utf-8"),
+    ] {
+        let resp = app.get(path, None).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&resp, "content-type"), content_type, "{path}");
+        assert_page_headers(&resp, path);
+        assert!(!resp.text().await.unwrap().is_empty(), "{path}");
+    }
+
+    // HEAD and GET only; other paths under /account are the JSON 404 of every other route.
+    let head = app.client.head(app.url("/account/reset-password")).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_page_headers(&head, "HEAD /account/reset-password");
+    let post = app.client.post(app.url("/account/reset-password")).send().await.unwrap();
+    assert_problem(post, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    for path in ["/account/nope", "/account/", "/account", "/account/verify-email/x"] {
+        assert_problem(app.get(path, None).await, StatusCode::NOT_FOUND, "not_found").await;
+    }
+}
+
+// --- the browser tests ---------------------------------------------------------------
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Fails (never skips) when the browser tools are missing.
+fn require_browser_tools() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "the browser tests need Debian's chromium at {CHROMIUM}: apt-get install -y chromium (.ci/run does it)"
+    );
+    assert!(
+        browser_dir().join("node_modules/playwright-core/package.json").exists(),
+        "the browser tests need playwright-core: npm ci --prefix tests/browser (.ci/run does it)"
+    );
+    let node = std::process::Command::new("node").arg("--version").output();
+    assert!(
+        node.as_ref().is_ok_and(|o| o.status.success()),
+        "the browser tests need node on the PATH: {node:?}"
+    );
+}
+
+/// Settings for the browser tests: mail as `.eml` files in `mail_dir`, fast mail polling,
+/// verification mails on.
+fn mail_env(mail_dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("MAIL_DIR", mail_dir.display().to_string()),
+        ("MAIL_POLL_INTERVAL", "50ms".into()),
+        ("EMAIL_VERIFICATION", "optional".into()),
+        ("PRODUCT_NAME", "Acme".into()),
+    ]
+}
+
+async fn spawn_mailing(mail_dir: &Path) -> TestApp {
+    let env = mail_env(mail_dir);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &env).await
+}
+
+/// The decoded text part of a mail as the `.eml` transport writes it (quoted-printable,
+/// base64 or plain).
+fn text_part(eml: &str) -> Option<String> {
+    let eml = eml.replace("\r\n", "\n");
+    let at = eml.to_ascii_lowercase().find("content-type: text/plain")?;
+    let part = &eml[at..];
+    let (headers, body) = part.split_once("\n\n")?;
+    let body = body.split("\n--").next().unwrap_or(body);
+    let encoding = headers.to_ascii_lowercase();
+    if encoding.contains("content-transfer-encoding: quoted-printable") {
+        Some(decode_quoted_printable(body))
+    } else if encoding.contains("content-transfer-encoding: base64") {
+        let compact: String = body.split_whitespace().collect();
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(compact).ok()?).ok()
+    } else {
+        Some(body.to_owned())
+    }
+}
+
+fn decode_quoted_printable(body: &str) -> String {
+    let joined = body.replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'='
+            && let Some(byte) = joined.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits for a mail to `to` holding a link to `/account/{page}`, and returns the link.
+async fn mailed_link(mail_dir: &Path, to: &str, page: &str) -> String {
+    let marker = format!("/account/{page}#token=");
+    let find = || {
+        let entries = std::fs::read_dir(mail_dir).ok()?;
+        entries.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "eml")).find_map(
+            |e| {
+                let eml = std::fs::read_to_string(e.path()).ok()?;
+                if !eml.lines().any(|l| l.eq_ignore_ascii_case(&format!("To: {to}"))) {
+                    return None;
+                }
+                let text = text_part(&eml)?;
+                text.split_whitespace().find(|w| w.contains(&marker)).map(str::to_owned)
+            },
+        )
+    };
+    let mut link = None;
+    let found = eventually(Duration::from_secs(10), || {
+        link = find();
+        let found = link.is_some();
+        async move { found }
+    })
+    .await;
+    assert!(found, "no mail to {to} with a {marker} link in {}", mail_dir.display());
+    link.unwrap()
+}
+
+/// The link, pointed at the test server: mails link to `JWT_ISSUER`, the default
+/// `http://localhost:8080`, while the server listens on a port of its own.
+fn on_test_server(app: &TestApp, link: &str) -> String {
+    let rest =
+        link.strip_prefix("http://localhost:8080").unwrap_or_else(|| panic!("link under JWT_ISSUER: {link}"));
+    assert!(rest.starts_with("/account/"), "{link}");
+    app.url(rest)
+}
+
+/// One node script driving chromium. It opens the page, reports what it saw as one JSON
+/// line, waits for `continue` on its stdin, acts, and reports again.
+struct Driver {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Driver {
+    fn start(script: &str, env: &[(&str, &str)]) -> Self {
+        require_browser_tools();
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.arg(browser_dir().join(script))
+            .envs(env.iter().copied())
+            .env("CHROMIUM", CHROMIUM)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("start node");
+        let stdout = child.stdout.take().expect("stdout");
+        Self { child, lines: BufReader::new(stdout).lines() }
+    }
+
+    /// The next report, as JSON; panics if the script ended or said nothing for 60 s.
+    async fn report(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .expect("the browser script answered within 60 s")
+            .expect("read the browser script's output")
+            .expect("the browser script ended early (see its stderr above)");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON from the browser script: {line}"))
+    }
+
+    async fn resume(&mut self) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"continue\n").await.expect("write to the browser script");
+        stdin.flush().await.expect("flush");
+    }
+
+    async fn finish(mut self) {
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the browser script exited")
+            .expect("wait for node");
+        assert!(status.success(), "the browser script failed: {status}");
+    }
+}
+
+/// What a page showed before anyone pressed anything: no request to the API, the token
+/// gone from the address bar, no CSP violation.
+fn assert_opened_quietly(report: &Value) {
+    assert_eq!(report["step"], "opened", "{report}");
+    assert_eq!(report["api_requests"], json!([]), "opening the page called the API: {report}");
+    assert_eq!(report["violations"], json!([]), "{report}");
+    let url = report["url"].as_str().unwrap();
+    assert!(!url.contains('#') && !url.contains("token"), "the token stayed in the address bar: {url}");
+    assert_eq!(report["button_enabled"], true, "{report}");
+}
+
+async fn email_verified(app: &TestApp, access: &str) -> bool {
+    let resp = app.get("/v1/users/me", Some(access)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json::<Value>().await.unwrap()["email_verified"].as_bool().expect("email_verified")
+}
+
+#[tokio::test]
+async fn a_reset_link_opened_in_a_real_browser_changes_nothing_until_the_new_password_is_sent() {
+    require_browser_tools();
+    let mail = tempfile::tempdir().unwrap();
+    let app = spawn_mailing(mail.path()).await;
+    let email = format!("reset-{}@example.com", uuid::Uuid::new_v4().simple());
+    let old = crate::helpers::PASSWORD;
+    let new = "quartz lantern orbits seventy marmots";
+    let registered = app.register(&email, old).await;
+    assert!(registered.status().is_success(), "register: {}", registered.status());
+    let resp = app.post_json("/v1/auth/password/forgot", &json!({"email": email})).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED, "forgot: {}", resp.text().await.unwrap());
+    let link = on_test_server(&app, &mailed_link(mail.path(), &email, "reset-password").await);
+
+    let mut browser = Driver::start("reset_password.mjs", &[("PAGE_URL", &link), ("NEW_PASSWORD", new)]);
+    let opened = browser.report().await;
+    assert_opened_quietly(&opened);
+    assert!(opened["title"].as_str().unwrap().contains("Acme"), "{opened}");
+    // Opening (and running) the page consumed nothing: the old password still works.
+    assert_eq!(app.login(&email, old).await.status(), StatusCode::OK, "the password changed on opening");
+
+    browser.resume().await;
+    let done = browser.report().await;
+    assert_eq!(done["step"], "submitted", "{done}");
+    assert_eq!(
+        done["status"], "Your password was changed; every session was signed out. You can now sign in.",
+        "{done}"
+    );
+    assert_eq!(done["api_requests"], json!(["POST /v1/auth/password/reset"]), "{done}");
+    assert_eq!(done["disabled_while_posting"], true, "{done}");
+    assert_eq!(done["form_visible"], false, "{done}");
+    assert_eq!(done["violations"], json!([]), "{done}");
+    browser.finish().await;
+
+    assert_eq!(app.login(&email, new).await.status(), StatusCode::OK, "the new password");
+    assert_problem(app.login(&email, old).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+
+    // The link worked once: opened again, the page says so.
+    let mut again = Driver::start(
+        "reset_password.mjs",
+        &[("PAGE_URL", &link), ("NEW_PASSWORD", "another fine password 42")],
+    );
+    assert_opened_quietly(&again.report().await);
+    again.resume().await;
+    let done = again.report().await;
+    assert_eq!(
+        done["status"], "This link is invalid, expired or already used — ask for a new one.",
+        "{done}"
+    );
+    again.finish().await;
+    assert_eq!(app.login(&email, new).await.status(), StatusCode::OK, "the used link changed nothing");
+}
+
+#[tokio::test]
+async fn a_verification_link_opened_in_a_real_browser_verifies_only_when_the_button_is_pressed() {
+    require_browser_tools();
+    let mail = tempfile::tempdir().unwrap();
+    let app = spawn_mailing(mail.path()).await;
+    let email = format!("verify-{}@example.com", uuid::Uuid::new_v4().simple());
+    let registered = app.register(&email, crate::helpers::PASSWORD).await;
+    assert_eq!(registered.status(), StatusCode::ACCEPTED, "register with verification on");
+    let link = on_test_server(&app, &mailed_link(mail.path(), &email, "verify-email").await);
+    let tokens = app.login_with(&email, &[]).await;
+    assert!(!email_verified(&app, &tokens.access).await);
+
+    let mut browser = Driver::start("press_button.mjs", &[("PAGE_URL", &link)]);
+    assert_opened_quietly(&browser.report().await);
+    // A mail scanner that opens and runs the page verifies nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!email_verified(&app, &tokens.access).await, "opening the page verified the email");
+
+    browser.resume().await;
+    let done = browser.report().await;
+    assert_eq!(done["status"], "Your email address is verified. You can close this page.", "{done}");
+    assert_eq!(done["api_requests"], json!(["POST /v1/auth/verify-email"]), "{done}");
+    assert_eq!(done["disabled_while_posting"], true, "{done}");
+    browser.finish().await;
+    assert!(email_verified(&app, &tokens.access).await, "pressing the button verified it");
+}
+
+#[tokio::test]
+async fn a_link_without_its_token_says_it_is_incomplete() {
+    let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
+    let mut browser = Driver::start("press_button.mjs", &[("PAGE_URL", &app.url("/account/verify-email"))]);
+    let opened = browser.report().await;
+    assert_eq!(opened["api_requests"], json!([]), "{opened}");
+    assert_eq!(opened["button_visible"], false, "{opened}");
+    assert!(opened["status"].as_str().unwrap().contains("incomplete"), "{opened}");
+    drop(browser);
+}
