@@ -266,10 +266,21 @@ impl Driver {
         serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON from the browser script: {line}"))
     }
 
-    async fn resume(&mut self) {
+    async fn say(&mut self, line: &str) {
         let stdin = self.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(b"continue\n").await.expect("write to the browser script");
+        stdin.write_all(format!("{line}\n").as_bytes()).await.expect("write to the browser script");
         stdin.flush().await.expect("flush");
+    }
+
+    /// On to the script's next step.
+    async fn resume(&mut self) {
+        self.say("continue").await;
+    }
+
+    /// Ends a script that waits for `continue`, without its next step.
+    async fn stop(mut self) {
+        self.say("stop").await;
+        self.finish().await;
     }
 
     async fn finish(mut self) {
@@ -386,5 +397,51 @@ async fn a_link_without_its_token_says_it_is_incomplete() {
     assert_eq!(opened["api_requests"], json!([]), "{opened}");
     assert_eq!(opened["button_visible"], false, "{opened}");
     assert!(opened["status"].as_str().unwrap().contains("incomplete"), "{opened}");
-    drop(browser);
+    assert_eq!(opened["violations"], json!([]), "{opened}");
+    browser.stop().await;
+}
+
+#[tokio::test]
+async fn the_reset_page_tells_the_user_what_each_answer_of_the_api_means() {
+    // The page in a real browser, the API stubbed inside it (answers.mjs): each answer
+    // the page can get, in turn, on one form.
+    let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
+    let url = app.url("/account/reset-password#token=never-checked");
+    let mut browser = Driver::start("answers.mjs", &[("PAGE_URL", &url)]);
+    let report = browser.report().await;
+    browser.finish().await;
+    assert_eq!(report["violations"], json!([]), "{report}");
+    let results = &report["results"];
+    let shown = |name: &str| (results[name]["status"].as_str().unwrap().to_owned(), results[name].clone());
+
+    // Two different passwords: said on the page, nothing sent.
+    assert_eq!(results["mismatch"]["status"], "The two passwords are not the same.", "{report}");
+    assert_eq!(results["mismatch"]["requests"], 0, "{report}");
+    // The server's own advice, and the form stays to try again.
+    let (text, r) = shown("weak_password");
+    assert_eq!(text, "Add another word or two. Uncommon words are better.", "{r}");
+    assert_eq!((&r["form_visible"], &r["button_enabled"]), (&json!(true), &json!(true)), "{r}");
+    let (text, r) = shown("validation_failed");
+    assert_eq!(text, "new_password: at most 1024 characters.", "{r}");
+    assert_eq!(r["form_visible"], true, "{r}");
+    let (text, r) = shown("rate_limited");
+    assert_eq!(text, "Too many attempts. Try again in 2 minutes.", "{r}");
+    assert_eq!(r["button_enabled"], true, "{r}");
+    let (text, _) = shown("internal");
+    assert_eq!(text, "Something went wrong. Please try again in a moment.", "{report}");
+    let (text, r) = shown("offline");
+    assert_eq!(text, "The server could not be reached. Check your connection and try again.", "{r}");
+    assert_eq!(r["button_enabled"], true, "{r}");
+    // A dead link: said, and the form goes away.
+    let (text, r) = shown("invalid_one_time_token");
+    assert_eq!(text, "This link is invalid, expired or already used — ask for a new one.", "{r}");
+    assert_eq!(r["form_visible"], false, "{r}");
+    // Every POST carried the fragment's token and the typed password, nothing else.
+    let sent = report["sent"].as_array().unwrap();
+    assert_eq!(sent.len(), 6, "{report}");
+    assert!(
+        sent.iter()
+            .all(|b| *b == json!({"token": "never-checked", "new_password": "a password long enough"})),
+        "{report}"
+    );
 }

@@ -2,6 +2,6 @@
 // presses the page's button. Run by tests/api/pages.rs; see lib.mjs.
 import { run } from "./lib.mjs";
 
-await run(async ({ button }) => {
+await run(async (_page, button) => {
   await button.click();
 });

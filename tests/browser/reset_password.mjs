@@ -3,7 +3,7 @@
 import { run } from "./lib.mjs";
 
 const password = process.env.NEW_PASSWORD;
-await run(async ({ page, button }) => {
+await run(async (page, button) => {
   if (!password) throw new Error("NEW_PASSWORD is not set");
   await page.getByLabel("New password", { exact: true }).fill(password);
   await page.getByLabel("Repeat the new password").fill(password);
