@@ -218,7 +218,13 @@ struct Shared {
     /// Dropped events since start, by `Class::index`.
     dropped: [AtomicU64; 2],
     floods: Floods,
+    /// Deleted accounts whose events may still be queued: written without the user.
+    forgotten: Mutex<std::collections::VecDeque<Uuid>>,
 }
+
+/// How many deleted accounts the writer keeps in mind; the queue drains within seconds, so
+/// the most recent are the ones that matter.
+const FORGOTTEN: usize = 1024;
 
 impl Shared {
     fn take_noise_slot(&self) -> bool {
@@ -260,6 +266,7 @@ impl Auditor {
             noise_share: capacity / 2,
             dropped: [AtomicU64::new(0), AtomicU64::new(0)],
             floods: Floods::new(FLOOD_KEYS),
+            forgotten: Mutex::new(std::collections::VecDeque::with_capacity(FORGOTTEN)),
         });
         let auditor = Self { tx, shared: Arc::clone(&shared) };
         let (stop, stopped) = watch::channel(false);
@@ -318,6 +325,16 @@ impl Auditor {
                 "{message}"
             );
         }
+    }
+
+    /// The account is deleted: its events still queued are written without the user (the
+    /// rows already written are the deleter's to clear).
+    pub fn forget_user(&self, user_id: Uuid) {
+        let mut forgotten = self.shared.forgotten.lock().unwrap_or_else(PoisonError::into_inner);
+        if forgotten.len() == FORGOTTEN {
+            forgotten.pop_front();
+        }
+        forgotten.push_back(user_id);
     }
 
     /// Events of `class` dropped because their share of the queue was full, since start.
@@ -383,16 +400,32 @@ async fn run(
                 _ => break,
             }
         }
+        forget(&shared, &mut batch);
         write(&db, &mut batch).await;
     }
     // Drain what is left.
     while let Ok(event) = rx.try_recv() {
         take(&mut batch, event);
         if batch.len() >= BATCH {
+            forget(&shared, &mut batch);
             write(&db, &mut batch).await;
         }
     }
+    forget(&shared, &mut batch);
     write(&db, &mut batch).await;
+}
+
+/// Takes deleted accounts out of the events about to be written.
+fn forget(shared: &Shared, batch: &mut [AuditEvent]) {
+    let forgotten = shared.forgotten.lock().unwrap_or_else(PoisonError::into_inner);
+    if forgotten.is_empty() {
+        return;
+    }
+    for event in batch.iter_mut() {
+        if event.user_id.is_some_and(|id| forgotten.contains(&id)) {
+            event.user_id = None;
+        }
+    }
 }
 
 async fn write(db: &DatabaseConnection, batch: &mut Vec<AuditEvent>) {

@@ -208,6 +208,38 @@ pub struct Config {
     pub mail_max_attempts: u32,
     pub mail_retry_base: Duration,
     pub mail_retry_max: Duration,
+    pub email_verification: EmailVerification,
+    pub verify_email_ttl: Duration,
+    pub password_reset_ttl: Duration,
+    pub email_change_ttl: Duration,
+    /// How often mail can be triggered for one address, and from one client.
+    pub rate_limit_email_per_address: Rate,
+    pub rate_limit_email_per_ip: Rate,
+}
+
+/// `EMAIL_VERIFICATION`: whether sign-up mails a verification link, and whether login
+/// waits for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmailVerification {
+    /// No mails; register answers 201 (or 409 for a taken email) as before.
+    Off,
+    /// Mails sent; unverified users can log in.
+    Optional,
+    /// Login is refused (403 `email_not_verified`) until the address is verified.
+    Required,
+}
+
+impl std::str::FromStr for EmailVerification {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "optional" => Ok(Self::Optional),
+            "required" => Ok(Self::Required),
+            other => Err(format!("expected off, optional or required, got {other:?}")),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -333,6 +365,12 @@ impl Config {
             mail_max_attempts: env.parse("MAIL_MAX_ATTEMPTS", "10")?,
             mail_retry_base: env.duration("MAIL_RETRY_BASE", "30s")?,
             mail_retry_max: env.duration("MAIL_RETRY_MAX", "1h")?,
+            email_verification: env.parse("EMAIL_VERIFICATION", "optional")?,
+            verify_email_ttl: env.duration("VERIFY_EMAIL_TTL", "24h")?,
+            password_reset_ttl: env.duration("PASSWORD_RESET_TTL", "30m")?,
+            email_change_ttl: env.duration("EMAIL_CHANGE_TTL", "1h")?,
+            rate_limit_email_per_address: env.parse("RATE_LIMIT_EMAIL_PER_ADDRESS", "3/1h")?,
+            rate_limit_email_per_ip: env.parse("RATE_LIMIT_EMAIL_PER_IP", "10/1h")?,
         };
         config.validate()?;
         Ok(config)

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     RateLimited,
     EmailTaken,
     WeakPassword,
+    EmailNotVerified,
+    InvalidOneTimeToken,
+    WrongPassword,
     Forbidden,
     NotFound,
     MethodNotAllowed,
@@ -52,6 +55,9 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::EmailTaken => "email_taken",
             Self::WeakPassword => "weak_password",
+            Self::EmailNotVerified => "email_not_verified",
+            Self::InvalidOneTimeToken => "invalid_one_time_token",
+            Self::WrongPassword => "wrong_password",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -64,14 +70,16 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            Self::ValidationFailed | Self::WeakPassword => StatusCode::BAD_REQUEST,
+            Self::ValidationFailed | Self::WeakPassword | Self::InvalidOneTimeToken => {
+                StatusCode::BAD_REQUEST
+            }
             Self::InvalidCredentials
             | Self::InvalidToken
             | Self::InvalidClient
             | Self::TokenExpired
             | Self::TokenRevoked
             | Self::RefreshTokenReused => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::EmailNotVerified | Self::WrongPassword => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::EmailTaken => StatusCode::CONFLICT,
@@ -95,6 +103,9 @@ impl ErrorCode {
             Self::RateLimited => "Too many requests",
             Self::EmailTaken => "The email is already registered",
             Self::WeakPassword => "The password is too easy to guess",
+            Self::EmailNotVerified => "The email address is not verified yet",
+            Self::InvalidOneTimeToken => "The link is invalid, used or expired",
+            Self::WrongPassword => "The current password is wrong",
             Self::Forbidden => "Not allowed",
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
@@ -242,7 +253,7 @@ impl ApiResponse for ApiError {
             responses: vec![
                 response(
                     400,
-                    "`validation_failed`: malformed JSON, unknown or missing fields, wrong types, invalid values. `weak_password`: a new password below `PASSWORD_MIN_STRENGTH` (`detail` says why).",
+                    "`validation_failed`: malformed JSON, unknown or missing fields, wrong types, invalid values. `weak_password`: a new password below `PASSWORD_MIN_STRENGTH` (`detail` says why). `invalid_one_time_token`: a mailed link's token that is unknown, used, replaced by a newer one, expired, or of another purpose: ask for a new link.",
                     vec![],
                 ),
                 response(
@@ -250,7 +261,11 @@ impl ApiResponse for ApiError {
                     "`invalid_credentials`, `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`.",
                     vec![with_header("WWW-Authenticate", "RFC 6750 challenge")],
                 ),
-                response(403, "`forbidden`.", vec![]),
+                response(
+                    403,
+                    "`forbidden`. `wrong_password`: the signed-in user's `current_password` is wrong. `email_not_verified`: the password is right but `EMAIL_VERIFICATION=required` and the address is not verified yet (a new link is mailed).",
+                    vec![],
+                ),
                 response(404, "`not_found`.", vec![]),
                 response(408, "`request_timeout`: the body was not sent within `HTTP_BODY_TIMEOUT`.", vec![]),
                 response(409, "`email_taken`.", vec![]),

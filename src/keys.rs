@@ -738,6 +738,7 @@ mod tests {
             iat: now.timestamp(),
             exp: now.timestamp() + 900,
             roles: vec![],
+            email_verified: false,
         }
     }
 

@@ -23,6 +23,9 @@ pub struct AccessClaims {
     pub exp: i64,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Whether the user's current email address has been verified (issue 15).
+    #[serde(default)]
+    pub email_verified: bool,
 }
 
 /// A new refresh token: 256 bits from the OS CSPRNG, base64url (43 characters).

@@ -10,6 +10,7 @@ mod m20261124_000002_oauth_clients;
 mod m20261201_000003_revocation;
 mod m20261201_000004_server_secrets;
 mod m20261210_000005_email_outbox;
+mod m20261211_000006_accounts;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_revocation::Migration),
             Box::new(m20261201_000004_server_secrets::Migration),
             Box::new(m20261210_000005_email_outbox::Migration),
+            Box::new(m20261211_000006_accounts::Migration),
         ]
     }
 }

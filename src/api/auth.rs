@@ -12,9 +12,10 @@ use uuid::Uuid;
 use super::ApiTags;
 use super::client::client_info;
 use super::security::BearerAuth;
-use crate::config::Config;
+use crate::config::{Config, EmailVerification};
 use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
+use crate::service::accounts;
 use crate::service::auth::{self, Tokens};
 use crate::service::devices::DEVICE_TOKEN_TTL;
 use crate::state::AppState;
@@ -161,9 +162,61 @@ pub struct SessionInfo {
 
 #[derive(ApiResponse)]
 pub enum RegisterResponse {
-    /// The account was created.
+    /// `EMAIL_VERIFICATION=off`: the account was created.
     #[oai(status = 201)]
     Created(Json<RegisteredUser>),
+    /// `EMAIL_VERIFICATION=optional` or `required`: a verification link is on its way if
+    /// the address is new; its owner is told of the attempt if it is taken. The same
+    /// answer either way.
+    #[oai(status = 202)]
+    Accepted(Json<SignUpAccepted>),
+}
+
+/// Sign-up with email verification on: the same body for new and taken addresses.
+#[derive(Object)]
+pub struct SignUpAccepted {
+    /// The address, in its canonical form.
+    pub email: String,
+    /// Always `sent`.
+    pub verification: String,
+}
+
+/// A mailed link's token, from the link's `#token=` fragment.
+#[derive(Object)]
+#[oai(deny_unknown_fields)]
+pub struct OneTimeTokenRequest {
+    pub token: SecretField,
+}
+
+/// An address to mail a link to.
+#[derive(Object)]
+#[oai(deny_unknown_fields)]
+pub struct EmailRequest {
+    #[oai(validator(max_length = 254))]
+    pub email: String,
+}
+
+/// A new password, with the reset link's token.
+#[derive(Object)]
+#[oai(deny_unknown_fields)]
+pub struct ResetPasswordRequest {
+    pub token: SecretField,
+    /// 8 to 1024 characters, at least `PASSWORD_MIN_STRENGTH`.
+    pub new_password: SecretField,
+}
+
+/// The same answer whether or not the address has an account.
+#[derive(ApiResponse)]
+pub enum MailAccepted {
+    /// If the address has an account that needs this mail, it is on its way.
+    #[oai(status = 202)]
+    Accepted(Json<MailQueued>),
+}
+
+#[derive(Object)]
+pub struct MailQueued {
+    /// The address, in its canonical form.
+    pub email: String,
 }
 
 #[derive(ApiResponse)]
@@ -268,7 +321,13 @@ impl AuthApi {
     /// NFC, the domain IDNA-encoded to lower-case ASCII; an address with a control or
     /// invisible character is refused. Passwords are 8 to 1024 characters and must reach
     /// `PASSWORD_MIN_STRENGTH` (a zxcvbn score, judged with the email as context), else 400
-    /// `weak_password`. A taken email is answered with 409 `email_taken`.
+    /// `weak_password`.
+    ///
+    /// With `EMAIL_VERIFICATION=off`, the account is created (201) and a taken email is
+    /// answered with 409 `email_taken`. With `optional` or `required` (the default is
+    /// `optional`), new and taken addresses get the same 202, in the same time: a new one
+    /// gets its account and a verification link, the owner of a taken one a mail saying
+    /// someone tried to sign up (with a password-reset link).
     #[oai(path = "/register", method = "post", operation_id = "register")]
     async fn register(
         &self,
@@ -279,6 +338,13 @@ impl AuthApi {
         let email = Email::parse(&body.0.email)?;
         let password = Password::new(body.0.password.0)?;
         let client = client_info(req, &state);
+        if state.config.email_verification != EmailVerification::Off {
+            accounts::sign_up(&state, email.clone(), password, &client).await?;
+            return Ok(RegisterResponse::Accepted(Json(SignUpAccepted {
+                email: email.as_str().to_owned(),
+                verification: "sent".into(),
+            })));
+        }
         let user = auth::register(&state, email, password, &client).await?;
         Ok(RegisterResponse::Created(Json(RegisteredUser {
             id: user.id,
@@ -370,6 +436,96 @@ impl AuthApi {
         let client = client_info(req, &state);
         auth::logout_all(&state, auth.0.claims.sub, &client).await?;
         Ok(ended(&state.config))
+    }
+
+    /// Verify an email address
+    ///
+    /// With the token from the verification link (`…/verify-email#token=…`). Opening the
+    /// link changes nothing; this POST does. 400 `invalid_one_time_token` for an unknown,
+    /// used, replaced or expired link, or one for an address the account no longer has.
+    #[oai(path = "/verify-email", method = "post", operation_id = "verifyEmail")]
+    async fn verify_email(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        body: Json<OneTimeTokenRequest>,
+    ) -> Result<NoContent, ApiError> {
+        let client = client_info(req, &state);
+        accounts::verify_email(&state, &body.0.token.0, &client).await?;
+        Ok(NoContent::Done)
+    }
+
+    /// Mail a new verification link
+    ///
+    /// Always 202, in the same time, whether or not the address has an account (or needs
+    /// verifying); a link goes out only to an unverified account, within
+    /// `RATE_LIMIT_EMAIL_PER_ADDRESS` and `RATE_LIMIT_EMAIL_PER_IP` (silently: beyond them
+    /// the answer is the same and no mail is sent). The newest link replaces older ones.
+    #[oai(path = "/verify-email/resend", method = "post", operation_id = "resendVerification")]
+    async fn resend_verification(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        body: Json<EmailRequest>,
+    ) -> Result<MailAccepted, ApiError> {
+        let email = Email::parse(&body.0.email)?;
+        let client = client_info(req, &state);
+        accounts::resend_verification(&state, &email, &client).await?;
+        Ok(MailAccepted::Accepted(Json(MailQueued { email: email.as_str().to_owned() })))
+    }
+
+    /// Mail a password-reset link
+    ///
+    /// Always 202, in the same time, whether or not the address has an account; a link
+    /// (valid `PASSWORD_RESET_TTL`, replacing older ones) goes out only to an account that
+    /// is not disabled, within the mail limits (silently, as for resend).
+    #[oai(path = "/password/forgot", method = "post", operation_id = "forgotPassword")]
+    async fn forgot_password(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        body: Json<EmailRequest>,
+    ) -> Result<MailAccepted, ApiError> {
+        let email = Email::parse(&body.0.email)?;
+        let client = client_info(req, &state);
+        accounts::forgot_password(&state, &email, &client).await?;
+        Ok(MailAccepted::Accepted(Json(MailQueued { email: email.as_str().to_owned() })))
+    }
+
+    /// Set a new password with a reset link
+    ///
+    /// Every session of the user ends, on every instance; a "password changed" mail goes
+    /// out, and the address counts as verified (the link proved it). A weak password is
+    /// 400 `weak_password` and leaves the link working; a bad link is 400
+    /// `invalid_one_time_token`.
+    #[oai(path = "/password/reset", method = "post", operation_id = "resetPassword")]
+    async fn reset_password(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        body: Json<ResetPasswordRequest>,
+    ) -> Result<NoContent, ApiError> {
+        let password = Password::new(body.0.new_password.0)?;
+        let client = client_info(req, &state);
+        accounts::reset_password(&state, &body.0.token.0, password, &client).await?;
+        Ok(NoContent::Done)
+    }
+
+    /// Apply an email change
+    ///
+    /// With the token from the link mailed to the new address. The new address applies
+    /// and counts as verified; every session but the one that asked for the change ends.
+    /// 409 `email_taken` if another account took the address meanwhile.
+    #[oai(path = "/confirm-email", method = "post", operation_id = "confirmEmail")]
+    async fn confirm_email(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        body: Json<OneTimeTokenRequest>,
+    ) -> Result<NoContent, ApiError> {
+        let client = client_info(req, &state);
+        accounts::confirm_email(&state, &body.0.token.0, &client).await?;
+        Ok(NoContent::Done)
     }
 
     /// The current session

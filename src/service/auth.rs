@@ -15,8 +15,9 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::limit::{self, Limit};
-use super::{ClientInfo, sessions, users};
+use super::{ClientInfo, accounts, sessions, users};
 use crate::audit::AuditEvent;
+use crate::config::EmailVerification;
 use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
@@ -118,11 +119,15 @@ pub async fn login(
     // Unknown emails verify against the dummy hash: the same work, the same answer.
     let ok = state.hasher.verify(password, found.as_ref().map(|(u, _)| u.password_hash.as_str())).await?;
     let (account, roles) = match found {
-        Some(profile) if ok => profile,
+        // A disabled account is answered like a wrong password.
+        Some(profile) if ok && profile.0.disabled_at.is_none() => profile,
         other => return fail(other.map(|(a, _)| a.id)).await,
     };
     if judge.failures {
         state.limits.clear_failures(failures_key).await?;
+    }
+    if state.config.email_verification == EmailVerification::Required && account.email_verified_at.is_none() {
+        return Err(unverified(state, &account, client, now).await);
     }
     state.metrics.login("success");
 
@@ -146,7 +151,12 @@ pub async fn login(
         revoked_at: Set(None),
     };
     let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
-    write_login(&state.db, new_session, first_token, account.id, now).await?;
+    if !write_login(&state.db, new_session, first_token, account.id, now).await? {
+        // Disabled (or being deleted) since the password was checked: the session it
+        // wrote never goes live.
+        sessions::end(state, sessions::Scope::One(session_id)).await?;
+        return Err(login_failed(state, Some(account.id), client, now));
+    }
     state.audit.record(
         AuditEvent::new("login_success", "success", now)
             .user(account.id)
@@ -155,7 +165,8 @@ pub async fn login(
     );
 
     let info = TokenInfo { jti, session_id, user_id: account.id, issued_at: now, expires_at };
-    let mut tokens = issue(state, info, roles, refresh, None, now).await?;
+    let claims = Claims { roles, email_verified: account.email_verified_at.is_some() };
+    let mut tokens = issue(state, info, claims, refresh, None, now).await?;
     // The same device keeps its id; a new one gets one.
     tokens.device_token = Some(state.devices.issue(account_key, device.unwrap_or_else(Uuid::new_v4), now));
     // Beyond MAX_SESSIONS_PER_USER, the least recently used sessions end. Committed in SQL
@@ -171,6 +182,33 @@ pub async fn login(
         Err(e) => tracing::warn!(error = %e.detail, "ending sessions beyond MAX_SESSIONS_PER_USER failed"),
     }
     Ok(tokens)
+}
+
+/// `EMAIL_VERIFICATION=required` and the password was right, but the address is not
+/// verified: 403 `email_not_verified`, and a fresh link is mailed (within the mail limits).
+async fn unverified(
+    state: &AppState,
+    account: &user::Model,
+    client: &ClientInfo,
+    now: DateTime<Utc>,
+) -> ApiError {
+    let mailed = async {
+        if limit::mail_allowed(state, &account.email, client).await? {
+            accounts::mail_verification(state, account, now).await?;
+        }
+        Ok::<(), ApiError>(())
+    };
+    if let Err(e) = mailed.await {
+        tracing::warn!(error = %e.detail, "could not queue a verification mail for an unverified login");
+    }
+    state.metrics.login("email_not_verified");
+    state
+        .audit
+        .record(AuditEvent::new("login_failure", "email_not_verified", now).user(account.id).client(client));
+    ApiError::new(
+        ErrorCode::EmailNotVerified,
+        "Verify your email address first: a new link is on its way to your inbox.",
+    )
 }
 
 /// A login whose email is no address cannot belong to an account, so it has no account
@@ -205,16 +243,21 @@ fn login_failed(
 /// update (the token's foreign key to the session is checked at the end of the statement):
 /// one round trip instead of five (BEGIN, three statements, COMMIT). SQLite has no
 /// data-modifying CTEs, so there they run in a transaction.
+///
+/// Returns false when the account was disabled (or is being deleted) meanwhile: its row
+/// is locked by the disabling transaction, and the touch waits for it and then matches
+/// nothing. Then the session must not go live (SQLite: nothing was written).
 async fn write_login(
     db: &DatabaseConnection,
     session: session::ActiveModel,
     token: refresh_token::ActiveModel,
     user_id: Uuid,
     now: DateTime<Utc>,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let touch = user::Entity::update_many()
         .col_expr(user::Column::LastLoginAt, Expr::value(now))
-        .filter(user::Column::Id.eq(user_id));
+        .filter(user::Column::Id.eq(user_id))
+        .filter(user::Column::DisabledAt.is_null());
     if db.get_database_backend() == DbBackend::Postgres {
         let writes = WithClause::new()
             .cte(
@@ -230,15 +273,18 @@ async fn write_login(
                     .to_owned(),
             )
             .to_owned();
-        db.execute(&touch.into_query().with(writes)).await?;
-        return Ok(());
+        let touched = db.execute(&touch.into_query().with(writes)).await?;
+        return Ok(touched.rows_affected() == 1);
     }
     let txn = db.begin().await?;
+    if touch.exec(&txn).await?.rows_affected != 1 {
+        txn.rollback().await?;
+        return Ok(false);
+    }
     session.insert(&txn).await?;
     token.insert(&txn).await?;
-    touch.exec(&txn).await?;
     txn.commit().await?;
-    Ok(())
+    Ok(true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -268,6 +314,23 @@ fn refresh_token_row(
     }
 }
 
+/// What an access token says of its user besides who it is.
+pub struct Claims {
+    pub roles: Vec<String>,
+    pub email_verified: bool,
+}
+
+/// The user's roles and whether their email is verified, from SQL in one query; `None` if
+/// the account is gone.
+async fn claims_of(db: &impl ConnectionTrait, user_id: Uuid) -> Result<Option<Claims>, ApiError> {
+    let rows = user::Entity::find_by_id(user_id).find_with_related(role::Entity).all(db).await?;
+    Ok(rows.into_iter().next().map(|(account, roles)| {
+        let mut roles: Vec<String> = roles.into_iter().map(|r| r.name).collect();
+        roles.sort();
+        Claims { roles, email_verified: account.email_verified_at.is_some() }
+    }))
+}
+
 /// The role names of a user, from SQL.
 pub async fn roles_of(db: &impl ConnectionTrait, user_id: Uuid) -> Result<Vec<String>, ApiError> {
     let mut names: Vec<String> = user_role::Entity::find()
@@ -287,7 +350,7 @@ pub async fn roles_of(db: &impl ConnectionTrait, user_id: Uuid) -> Result<Vec<St
 async fn issue(
     state: &AppState,
     token: TokenInfo,
-    roles: Vec<String>,
+    claims: Claims,
     refresh_token: String,
     retired_hash: Option<String>,
     now: DateTime<Utc>,
@@ -320,7 +383,8 @@ async fn issue(
         jti: Uuid::new_v4(),
         iat: now.timestamp(),
         exp: exp.timestamp(),
-        roles,
+        roles: claims.roles,
+        email_verified: claims.email_verified,
     };
     Ok(Tokens {
         access_token: state.keys.current().sign(&claims, now)?,
@@ -500,7 +564,7 @@ async fn rotate(
         .filter(session::Column::Id.eq(parent.session_id))
         .exec(&txn)
         .await?;
-    let roles = roles_of(&txn, parent.user_id).await?;
+    let claims = claims_of(&txn, parent.user_id).await?.ok_or_else(session_ended)?;
     txn.commit().await?;
 
     state.audit.record(
@@ -510,7 +574,7 @@ async fn rotate(
             .detail(serde_json::json!({"session_id": parent.session_id})),
     );
     let info = TokenInfo { jti, issued_at: now, ..parent };
-    issue(state, info, roles, new_token, Some(parent_hash.to_owned()), now).await.map(Some)
+    issue(state, info, claims, new_token, Some(parent_hash.to_owned()), now).await.map(Some)
 }
 
 async fn reuse(
@@ -534,7 +598,7 @@ async fn reuse(
                     .client(client)
                     .detail(serde_json::json!({"session_id": session.id, "token_id": row.id})),
             );
-            let roles = roles_of(&state.db, row.user_id).await?;
+            let claims = claims_of(&state.db, row.user_id).await?.ok_or_else(session_ended)?;
             let info = TokenInfo {
                 jti: successor.id,
                 session_id: session.id,
@@ -542,7 +606,7 @@ async fn reuse(
                 issued_at: successor.created_at,
                 expires_at: session.expires_at,
             };
-            issue(state, info, roles, token, Some(row.token_hash), now).await
+            issue(state, info, claims, token, Some(row.token_hash), now).await
         }
         Reuse::Refuse => Err(reused()),
         Reuse::Theft => {

@@ -19,6 +19,10 @@ pub enum Limit {
     RegisterPerIp,
     RefreshPerIp,
     ClientAuthFailuresPerIp,
+    /// Mail triggered for one address (register, resend, forgot, email change).
+    EmailPerAddress,
+    /// Mail triggered from one client network.
+    EmailPerIp,
 }
 
 impl Limit {
@@ -30,6 +34,8 @@ impl Limit {
             Limit::RegisterPerIp => "register_per_ip",
             Limit::RefreshPerIp => "refresh_per_ip",
             Limit::ClientAuthFailuresPerIp => "client_auth_failures_per_ip",
+            Limit::EmailPerAddress => "email_per_address",
+            Limit::EmailPerIp => "email_per_ip",
         }
     }
 }
@@ -116,6 +122,25 @@ fn answer(
         None => Ok(()),
         Some(secs) => Err(limited(state, limit, key, secs, client)),
     }
+}
+
+/// Whether a mail may be triggered for `address` from this client: charges the client's
+/// network, then the address (canonical form, whether or not an account has it). A refusal
+/// is counted and audited like any other, but the caller answers exactly as if the mail
+/// had been queued: a 429 for one address and not another would tell which are registered.
+pub async fn mail_allowed(state: &AppState, address: &str, client: &ClientInfo) -> Result<bool, ApiError> {
+    let ip = ip_key(state, client);
+    for (limit, key, rate) in [
+        (Limit::EmailPerIp, ip.as_str(), state.config.rate_limit_email_per_ip),
+        (Limit::EmailPerAddress, address, state.config.rate_limit_email_per_address),
+    ] {
+        match charge(state, limit, key, rate, client).await {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::RateLimited => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// Whose failures a login attempt is judged by, and counts towards.

@@ -1,5 +1,6 @@
 //! The rules: registration, login, refresh rotation, logout, sessions. No poem types here.
 
+pub mod accounts;
 pub mod auth;
 pub mod clients;
 pub mod devices;

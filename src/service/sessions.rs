@@ -110,6 +110,11 @@ pub async fn list_live(
 pub enum Scope {
     One(Uuid),
     AllOfUser(Uuid),
+    /// Every session of the user but `keep` (the one that changed the password or email).
+    AllOfUserExcept {
+        user: Uuid,
+        keep: Uuid,
+    },
     /// Some sessions of one user (at most `BATCH` ids).
     These {
         user: Uuid,
@@ -135,10 +140,33 @@ impl Pending {
     }
 }
 
+/// Sessions ended in SQL whose revocation store write is still to come (see [`finish`]).
+#[must_use = "the store must be told: pass it to sessions::finish after the commit"]
+pub struct Ended {
+    job: Uuid,
+    sessions: Vec<(Uuid, DateTime<Utc>)>,
+    hashes: Vec<String>,
+    now: DateTime<Utc>,
+}
+
 /// Ends the sessions in `scope`; returns the ids of those that were live in SQL.
 /// Idempotent: ending an ended session changes nothing.
 pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> {
-    let now = state.clock.now();
+    let txn = state.db.begin().await?;
+    let ended = end_in(&txn, &scope, state.clock.now()).await?;
+    txn.commit().await?;
+    finish(state, ended).await
+}
+
+/// The SQL half of [`end`], in the caller's transaction, so that ending sessions commits
+/// with whatever else ends them (a password change, an email change): the sessions and
+/// their refresh tokens get `revoked_at` and a `revocation_jobs` row records it. After the
+/// commit, hand the result to [`finish`].
+pub async fn end_in(
+    txn: &impl ConnectionTrait,
+    scope: &Scope,
+    now: DateTime<Utc>,
+) -> Result<Ended, ApiError> {
     let sessions = session::Entity::update_many()
         .col_expr(session::Column::RevokedAt, Expr::value(now))
         .filter(session::Column::RevokedAt.is_null());
@@ -146,7 +174,7 @@ pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> 
         .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
         .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(Option::<Vec<u8>>::None))
         .filter(refresh_token::Column::RevokedAt.is_null());
-    let (sessions, tokens, job_user, job_session) = match &scope {
+    let (sessions, tokens, job_user, job_session) = match scope {
         Scope::One(id) => (
             sessions.filter(session::Column::Id.eq(*id)),
             tokens.filter(refresh_token::Column::SessionId.eq(*id)),
@@ -156,6 +184,14 @@ pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> 
         Scope::AllOfUser(user) => (
             sessions.filter(session::Column::UserId.eq(*user)),
             tokens.filter(refresh_token::Column::UserId.eq(*user)),
+            Some(*user),
+            None,
+        ),
+        Scope::AllOfUserExcept { user, keep } => (
+            sessions.filter(session::Column::UserId.eq(*user)).filter(session::Column::Id.ne(*keep)),
+            tokens
+                .filter(refresh_token::Column::UserId.eq(*user))
+                .filter(refresh_token::Column::SessionId.ne(*keep)),
             Some(*user),
             None,
         ),
@@ -174,7 +210,6 @@ pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> 
     tokens.returning(Query::returning().column(refresh_token::Column::TokenHash));
     let job = Uuid::now_v7();
 
-    let txn = state.db.begin().await?;
     let ended = txn
         .query_all(&sessions)
         .await?
@@ -194,14 +229,21 @@ pub async fn end(state: &AppState, scope: Scope) -> Result<Vec<Uuid>, ApiError> 
             session_id: Set(job_session),
             created_at: Set(now),
         }
-        .insert(&txn)
+        .insert(txn)
         .await?;
     }
-    txn.commit().await?;
+    Ok(Ended { job, sessions: ended, hashes, now })
+}
+
+/// The store half of [`end`], after the commit of [`end_in`]'s transaction: tombstones
+/// and revoked marks, then the job row goes. A store failure leaves the job for the
+/// reconciler (and this instance reconciles before it trusts the store again), so the
+/// revocation is certain once SQL has committed; the error says the store is behind.
+pub async fn finish(state: &AppState, ended: Ended) -> Result<Vec<Uuid>, ApiError> {
+    let Ended { job, sessions: ended, hashes, now } = ended;
     if ended.is_empty() {
         return Ok(Vec::new());
     }
-
     if let Err(e) = tell_store(state, &ended, &hashes, now).await {
         state.revocations.mark();
         tracing::warn!(error = %e, sessions = ended.len(), "ended in SQL; the revocation store will be told as soon as it answers");

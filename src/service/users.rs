@@ -101,6 +101,8 @@ pub async fn insert_user(
         created_at: Set(now),
         updated_at: Set(now),
         last_login_at: Set(None),
+        email_verified_at: Set(None),
+        disabled_at: Set(None),
     };
     row.insert(db).await.map_err(|e| match e.sql_err() {
         Some(SqlErr::UniqueConstraintViolation(_)) => {

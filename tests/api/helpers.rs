@@ -51,6 +51,11 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Where this test's mails land as `.eml` files when no `SMTP_URL` is set.
+    pub fn mail_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("mail")
+    }
+
     /// Resources on a database the test provides itself.
     pub fn on_database(database_url: String, store: &Store) -> Arc<Self> {
         Self::build(database_url, None, store, tempfile::tempdir().expect("tempdir"))
@@ -226,6 +231,10 @@ impl TestApp {
             ("PASSWORD_HASH_WORKERS".into(), "2".into()),
             ("DATABASE_MAX_CONNECTIONS".into(), "5".into()),
             ("METRICS_ADDR".into(), "127.0.0.1:0".into()),
+            // Most tests are about tokens: register answers 201 as without verification.
+            // The account tests (accounts.rs) set optional or required themselves.
+            ("EMAIL_VERIFICATION".into(), "off".into()),
+            ("MAIL_DIR".into(), resources.mail_dir().display().to_string()),
         ]);
         if let Some(url) = &resources.redis_url {
             map.insert("REDIS_URL".into(), url.clone());

@@ -15,7 +15,7 @@ use sea_orm::{EntityTrait as _, TransactionTrait as _};
 use crate::helpers::{Backend, Resources, Store, TestApp, eventually, free_port};
 
 /// A real SMTP server on a free port, saving what it accepts into a directory; killed on drop.
-struct SmtpSink {
+pub struct SmtpSink {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -26,7 +26,7 @@ impl SmtpSink {
         Self { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), child: None }
     }
 
-    async fn start(args: &[&str]) -> Self {
+    pub async fn start(args: &[&str]) -> Self {
         let mut sink = Self::reserve();
         sink.run(args).await;
         sink
@@ -62,12 +62,16 @@ impl SmtpSink {
         panic!("the SMTP sink did not listen on port {}", self.port);
     }
 
-    fn url(&self) -> String {
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    pub fn url(&self) -> String {
         format!("smtp://127.0.0.1:{}", self.port)
     }
 
     /// Every message received so far.
-    fn messages(&self) -> Vec<String> {
+    pub fn messages(&self) -> Vec<String> {
         std::fs::read_dir(self.dir.path())
             .expect("sink dir")
             .filter_map(Result::ok)

@@ -3,6 +3,7 @@
 //! Redis under its own key prefix or the in-process store — and talks HTTP to it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod accounts;
 mod bad_input;
 mod cli;
 mod connections;

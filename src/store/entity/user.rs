@@ -12,6 +12,11 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub last_login_at: Option<DateTimeUtc>,
+    /// When the current `email` was proven to be the user's (a verification or
+    /// email-change link used); an email change sets it anew.
+    pub email_verified_at: Option<DateTimeUtc>,
+    /// A disabled user cannot log in and has no sessions.
+    pub disabled_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
