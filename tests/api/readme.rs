@@ -4,29 +4,53 @@ use std::process::Command;
 
 use crate::helpers::{Backend, Store, TestApp};
 
-fn walkthrough() -> String {
+/// The `sh` block between `<!-- {name}:start -->` and `<!-- {name}:end -->`.
+fn block(name: &str) -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme.find("<!-- walkthrough:start -->").expect("start marker");
-    let end = readme.find("<!-- walkthrough:end -->").expect("end marker");
+    let start = readme.find(&format!("<!-- {name}:start -->")).expect("start marker");
+    let end = readme.find(&format!("<!-- {name}:end -->")).expect("end marker");
     let block = &readme[start..end];
     let code = block.split("```sh\n").nth(1).expect("sh block");
     code.split("```").next().unwrap().to_owned()
 }
 
-#[tokio::test]
-async fn readme_walkthrough_works_verbatim() {
-    let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
-    let script = walkthrough();
-    assert!(script.contains("BASE=http://127.0.0.1:8080"));
-    let script = script.replace("BASE=http://127.0.0.1:8080", &format!("BASE={}", app.address));
+async fn run(script: String) -> (bool, String, String) {
     let output = tokio::task::spawn_blocking(move || {
         Command::new("bash").arg("-euo").arg("pipefail").arg("-c").arg(script).output().expect("run bash")
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "walk-through failed:\n{stdout}\n{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.success(), stdout, stderr)
+}
+
+/// The README describes `cargo run --release`: email verification `optional`, the default.
+const DEFAULTS: [(&str, &str); 1] = [("EMAIL_VERIFICATION", "optional")];
+
+#[tokio::test]
+async fn readme_accounts_walkthrough_works_verbatim() {
+    let app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &DEFAULTS).await;
+    let script = block("accounts");
+    assert!(script.contains("BASE=http://127.0.0.1:8080") && script.contains("MAIL=./mail"));
+    let script = script
+        .replace("BASE=http://127.0.0.1:8080", &format!("BASE={}", app.address))
+        .replace("MAIL=./mail", &format!("MAIL={}", app.resources.mail_dir().display()));
+    let (ok, stdout, stderr) = run(script).await;
+    assert!(ok, "walk-through failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(r#""verification": "sent""#), "{stdout}");
+    assert_eq!(stdout.matches("204\n").count(), 3, "verify, reset and delete answered 204: {stdout}");
+    assert!(stdout.contains(r#""email_verified": true"#), "{stdout}");
+}
+
+#[tokio::test]
+async fn readme_walkthrough_works_verbatim() {
+    let app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &DEFAULTS).await;
+    let script = block("walkthrough");
+    assert!(script.contains("BASE=http://127.0.0.1:8080"));
+    let script = script.replace("BASE=http://127.0.0.1:8080", &format!("BASE={}", app.address));
+    let (ok, stdout, stderr) = run(script).await;
+    assert!(ok, "walk-through failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(r#""email": "ada@example.com""#), "{stdout}");
     assert!(stdout.contains(r#""session_id""#), "{stdout}");
     assert!(stdout.contains("\n204\n"), "logout answered 204: {stdout}");
