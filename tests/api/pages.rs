@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use base64::Engine as _;
+use latchkey::store::entity::one_time_token;
 use reqwest::StatusCode;
+use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
-use crate::helpers::{Backend, Store, TestApp, assert_problem, eventually};
+use crate::accounts::Mailbox;
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem};
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
                    img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -142,86 +144,22 @@ fn require_browser_tools() {
     );
 }
 
-/// Settings for the browser tests: mail as `.eml` files in `mail_dir`, fast mail polling,
-/// verification mails on.
-fn mail_env(mail_dir: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("MAIL_DIR", mail_dir.display().to_string()),
-        ("MAIL_POLL_INTERVAL", "50ms".into()),
-        ("EMAIL_VERIFICATION", "optional".into()),
-        ("PRODUCT_NAME", "Acme".into()),
-    ]
+/// An app that mails (`.eml` files, verification optional) under the name `Acme`.
+async fn spawn_mailing() -> (TestApp, Mailbox) {
+    crate::accounts::spawn(Backend::Sqlite, Store::InProcess, "optional", &[("PRODUCT_NAME", "Acme")]).await
 }
 
-async fn spawn_mailing(mail_dir: &Path) -> TestApp {
-    let env = mail_env(mail_dir);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &env).await
-}
-
-/// The decoded text part of a mail as the `.eml` transport writes it (quoted-printable,
-/// base64 or plain).
-fn text_part(eml: &str) -> Option<String> {
-    let eml = eml.replace("\r\n", "\n");
-    let at = eml.to_ascii_lowercase().find("content-type: text/plain")?;
-    let part = &eml[at..];
-    let (headers, body) = part.split_once("\n\n")?;
-    let body = body.split("\n--").next().unwrap_or(body);
-    let encoding = headers.to_ascii_lowercase();
-    if encoding.contains("content-transfer-encoding: quoted-printable") {
-        Some(decode_quoted_printable(body))
-    } else if encoding.contains("content-transfer-encoding: base64") {
-        let compact: String = body.split_whitespace().collect();
-        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(compact).ok()?).ok()
-    } else {
-        Some(body.to_owned())
-    }
-}
-
-fn decode_quoted_printable(body: &str) -> String {
-    let joined = body.replace("=\n", "");
-    let bytes = joined.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'='
-            && let Some(byte) = joined.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Waits for a mail to `to` holding a link to `/account/{page}`, and returns the link.
-async fn mailed_link(mail_dir: &Path, to: &str, page: &str) -> String {
-    let marker = format!("/account/{page}#token=");
-    let find = || {
-        let entries = std::fs::read_dir(mail_dir).ok()?;
-        entries.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "eml")).find_map(
-            |e| {
-                let eml = std::fs::read_to_string(e.path()).ok()?;
-                if !eml.lines().any(|l| l.eq_ignore_ascii_case(&format!("To: {to}"))) {
-                    return None;
-                }
-                let text = text_part(&eml)?;
-                text.split_whitespace().find(|w| w.contains(&marker)).map(str::to_owned)
-            },
-        )
-    };
-    let mut link = None;
-    let found = eventually(Duration::from_secs(10), || {
-        link = find();
-        let found = link.is_some();
-        async move { found }
-    })
-    .await;
-    assert!(found, "no mail to {to} with a {marker} link in {}", mail_dir.display());
-    link.unwrap()
+/// The one-time tokens mailed to `email`, and whether each is used: what opening a page
+/// must leave as it was.
+async fn one_time_tokens(app: &TestApp, email: &str) -> Vec<(uuid::Uuid, bool)> {
+    let rows = one_time_token::Entity::find()
+        .filter(one_time_token::Column::Email.eq(email))
+        .all(&app.state.db)
+        .await
+        .unwrap();
+    let mut rows: Vec<_> = rows.into_iter().map(|r| (r.id, r.used_at.is_some())).collect();
+    rows.sort();
+    rows
 }
 
 /// The link, pointed at the test server: mails link to `JWT_ISSUER`, the default
@@ -312,29 +250,36 @@ async fn email_verified(app: &TestApp, access: &str) -> bool {
 #[tokio::test]
 async fn a_reset_link_opened_in_a_real_browser_changes_nothing_until_the_new_password_is_sent() {
     require_browser_tools();
-    let mail = tempfile::tempdir().unwrap();
-    let app = spawn_mailing(mail.path()).await;
+    let (app, mailbox) = spawn_mailing().await;
     let email = format!("reset-{}@example.com", uuid::Uuid::new_v4().simple());
-    let old = crate::helpers::PASSWORD;
     let new = "quartz lantern orbits seventy marmots";
-    let registered = app.register(&email, old).await;
-    assert!(registered.status().is_success(), "register: {}", registered.status());
+    assert_eq!(app.register(&email, PASSWORD).await.status(), StatusCode::ACCEPTED);
+    let before = app.login_with(&email, &[]).await;
     let resp = app.post_json("/v1/auth/password/forgot", &json!({"email": email})).await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED, "forgot: {}", resp.text().await.unwrap());
-    let link = on_test_server(&app, &mailed_link(mail.path(), &email, "reset-password").await);
+    let link = on_test_server(&app, &mailbox.first(&email, "Reset").await.link());
+    assert!(link.contains("/account/reset-password#token="), "{link}");
+    let tokens = one_time_tokens(&app, &email).await;
 
     let mut browser = Driver::start("reset_password.mjs", &[("PAGE_URL", &link), ("NEW_PASSWORD", new)]);
     let opened = browser.report().await;
     assert_opened_quietly(&opened);
     assert!(opened["title"].as_str().unwrap().contains("Acme"), "{opened}");
-    // Opening (and running) the page consumed nothing: the old password still works.
-    assert_eq!(app.login(&email, old).await.status(), StatusCode::OK, "the password changed on opening");
+    // Opening (and running) the page consumed nothing: no token used, the old password
+    // still works, the session still lives.
+    assert_eq!(one_time_tokens(&app, &email).await, tokens, "opening the page used a token");
+    assert_eq!(app.login(&email, PASSWORD).await.status(), StatusCode::OK, "the password changed on opening");
+    assert_eq!(app.get("/v1/auth/session", Some(&before.access)).await.status(), StatusCode::OK);
 
     browser.resume().await;
     let done = browser.report().await;
     assert_eq!(done["step"], "submitted", "{done}");
     assert_eq!(
-        done["status"], "Your password was changed; every session was signed out. You can now sign in.",
+        (&done["state"], &done["status"]),
+        (
+            &json!("success"),
+            &json!("Your password was changed; every session was signed out. You can now sign in.")
+        ),
         "{done}"
     );
     assert_eq!(done["api_requests"], json!(["POST /v1/auth/password/reset"]), "{done}");
@@ -344,12 +289,18 @@ async fn a_reset_link_opened_in_a_real_browser_changes_nothing_until_the_new_pas
     browser.finish().await;
 
     assert_eq!(app.login(&email, new).await.status(), StatusCode::OK, "the new password");
-    assert_problem(app.login(&email, old).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    assert_problem(app.login(&email, PASSWORD).await, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    assert_problem(
+        app.get("/v1/auth/session", Some(&before.access)).await,
+        StatusCode::UNAUTHORIZED,
+        "token_revoked",
+    )
+    .await;
 
-    // The link worked once: opened again, the page says so.
+    // The link worked once: opened again, the page says so and changes nothing.
     let mut again = Driver::start(
         "reset_password.mjs",
-        &[("PAGE_URL", &link), ("NEW_PASSWORD", "another fine password 42")],
+        &[("PAGE_URL", &link), ("NEW_PASSWORD", "another fine passphrase 42")],
     );
     assert_opened_quietly(&again.report().await);
     again.resume().await;
@@ -365,28 +316,72 @@ async fn a_reset_link_opened_in_a_real_browser_changes_nothing_until_the_new_pas
 #[tokio::test]
 async fn a_verification_link_opened_in_a_real_browser_verifies_only_when_the_button_is_pressed() {
     require_browser_tools();
-    let mail = tempfile::tempdir().unwrap();
-    let app = spawn_mailing(mail.path()).await;
+    let (app, mailbox) = spawn_mailing().await;
     let email = format!("verify-{}@example.com", uuid::Uuid::new_v4().simple());
-    let registered = app.register(&email, crate::helpers::PASSWORD).await;
-    assert_eq!(registered.status(), StatusCode::ACCEPTED, "register with verification on");
-    let link = on_test_server(&app, &mailed_link(mail.path(), &email, "verify-email").await);
+    assert_eq!(app.register(&email, PASSWORD).await.status(), StatusCode::ACCEPTED);
+    let link = on_test_server(&app, &mailbox.first(&email, "Confirm your email").await.link());
+    assert!(link.contains("/account/verify-email#token="), "{link}");
     let tokens = app.login_with(&email, &[]).await;
     assert!(!email_verified(&app, &tokens.access).await);
 
     let mut browser = Driver::start("press_button.mjs", &[("PAGE_URL", &link)]);
     assert_opened_quietly(&browser.report().await);
     // A mail scanner that opens and runs the page verifies nothing.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!email_verified(&app, &tokens.access).await, "opening the page verified the email");
+    assert!(one_time_tokens(&app, &email).await.iter().all(|(_, used)| !used), "opening used the token");
 
     browser.resume().await;
     let done = browser.report().await;
-    assert_eq!(done["status"], "Your email address is verified. You can close this page.", "{done}");
+    assert_eq!(
+        (&done["state"], &done["status"]),
+        (&json!("success"), &json!("Your email address is verified. You can close this page.")),
+        "{done}"
+    );
     assert_eq!(done["api_requests"], json!(["POST /v1/auth/verify-email"]), "{done}");
     assert_eq!(done["disabled_while_posting"], true, "{done}");
+    assert_eq!(done["violations"], json!([]), "{done}");
     browser.finish().await;
     assert!(email_verified(&app, &tokens.access).await, "pressing the button verified it");
+}
+
+#[tokio::test]
+async fn an_email_change_link_opened_in_a_real_browser_applies_only_when_the_button_is_pressed() {
+    require_browser_tools();
+    let (app, mailbox) = spawn_mailing().await;
+    let old = format!("old-{}@example.com", uuid::Uuid::new_v4().simple());
+    let new = format!("new-{}@example.com", uuid::Uuid::new_v4().simple());
+    assert_eq!(app.register(&old, PASSWORD).await.status(), StatusCode::ACCEPTED);
+    let tokens = app.login_with(&old, &[]).await;
+    let ask = app
+        .client
+        .post(app.url("/v1/users/me/email"))
+        .bearer_auth(&tokens.access)
+        .json(&json!({"new_email": new, "current_password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ask.status(), StatusCode::ACCEPTED, "{}", ask.text().await.unwrap());
+    let link = on_test_server(&app, &mailbox.first(&new, "Confirm your new email").await.link());
+    assert!(link.contains("/account/confirm-email#token="), "{link}");
+    let email_now = || async {
+        let resp = app.get("/v1/users/me", Some(&tokens.access)).await;
+        resp.json::<Value>().await.unwrap()["email"].as_str().unwrap().to_owned()
+    };
+
+    let mut browser = Driver::start("press_button.mjs", &[("PAGE_URL", &link)]);
+    assert_opened_quietly(&browser.report().await);
+    assert_eq!(email_now().await, old, "opening the page changed the email");
+
+    browser.resume().await;
+    let done = browser.report().await;
+    assert_eq!(
+        (&done["state"], &done["status"]),
+        (&json!("success"), &json!("Your new email address is confirmed. Use it to sign in from now on.")),
+        "{done}"
+    );
+    assert_eq!(done["api_requests"], json!(["POST /v1/auth/confirm-email"]), "{done}");
+    browser.finish().await;
+    assert_eq!(email_now().await, new, "pressing the button applied the change");
 }
 
 #[tokio::test]
