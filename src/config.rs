@@ -208,6 +208,11 @@ pub struct Config {
     pub mail_max_attempts: u32,
     pub mail_retry_base: Duration,
     pub mail_retry_max: Duration,
+    /// A MaxMind-format city database (`.mmdb`); sessions then show `location`. Opened at
+    /// start (see `geoip`): a file that cannot be used stops start-up.
+    pub geoip_database: Option<std::path::PathBuf>,
+    /// Mail the user when a login comes from a device without a valid device token.
+    pub notify_new_device: bool,
     pub email_verification: EmailVerification,
     pub verify_email_ttl: Duration,
     pub password_reset_ttl: Duration,
@@ -365,6 +370,8 @@ impl Config {
             mail_max_attempts: env.parse("MAIL_MAX_ATTEMPTS", "10")?,
             mail_retry_base: env.duration("MAIL_RETRY_BASE", "30s")?,
             mail_retry_max: env.duration("MAIL_RETRY_MAX", "1h")?,
+            geoip_database: env.optional("GEOIP_DATABASE").map(Into::into),
+            notify_new_device: env.parse("NOTIFY_NEW_DEVICE", "false")?,
             email_verification: env.parse("EMAIL_VERIFICATION", "optional")?,
             verify_email_ttl: env.duration("VERIFY_EMAIL_TTL", "24h")?,
             password_reset_ttl: env.duration("PASSWORD_RESET_TTL", "30m")?,
@@ -538,6 +545,15 @@ impl Config {
         match &self.app_url {
             Some(app) => app.clone(),
             None => format!("{}/account", self.jwt_issuer.trim_end_matches('/')),
+        }
+    }
+
+    /// The session list a new-device mail links to: `{APP_URL}/sessions`, or, since
+    /// Latchkey has no page of its own for it, its operation in the API docs.
+    pub fn sessions_link(&self) -> String {
+        match &self.app_url {
+            Some(app) => format!("{app}/sessions"),
+            None => format!("{}/docs#/Users/mySessions", self.jwt_issuer.trim_end_matches('/')),
         }
     }
 
@@ -748,9 +764,17 @@ mod tests {
         let c = config(&[]).expect("defaults");
         assert_eq!(c.email_from.to_string(), "Latchkey <no-reply@localhost>");
         assert_eq!(c.link_base(), "http://localhost:8080/account");
+        assert_eq!(c.sessions_link(), "http://localhost:8080/docs#/Users/mySessions");
         let c = config(&[("APP_URL", "https://app.example.com/")]).expect("config");
         assert_eq!(c.link_base(), "https://app.example.com");
+        assert_eq!(c.sessions_link(), "https://app.example.com/sessions");
+        assert!(!c.notify_new_device && c.geoip_database.is_none(), "both off by default");
+        let c = config(&[("NOTIFY_NEW_DEVICE", "true"), ("GEOIP_DATABASE", "/var/lib/geoip/city.mmdb")])
+            .expect("config");
+        assert!(c.notify_new_device);
+        assert_eq!(c.geoip_database.as_deref(), Some(std::path::Path::new("/var/lib/geoip/city.mmdb")));
         for (var, value) in [
+            ("NOTIFY_NEW_DEVICE", "yes please"),
             ("EMAIL_FROM", "not a mailbox"),
             ("APP_URL", "app.example.com"),
             ("MAIL_LEASE", "10s"),

@@ -83,6 +83,9 @@ impl Application {
             .context("loading the mail templates (EMAIL_TEMPLATES_DIR)")?;
         let pages = Pages::render(&config.product_name).context("rendering the account pages")?;
         let mail_transport = crate::mail::transport::Transport::from_config(&config)?;
+        // Read once, into memory; a file that cannot be used stops start-up (its error names
+        // GEOIP_DATABASE).
+        let geoip = config.geoip_database.as_deref().map(crate::geoip::GeoIp::open).transpose()?;
         let mut db = db::connect(&config).await.context("connecting to the database (DATABASE_URL)")?;
         // The mail workers' handle on the pool, without the per-statement metrics: their
         // polling would blur the statement counts of requests (they have metrics of their own).
@@ -167,6 +170,7 @@ impl Application {
             devices: crate::service::devices::DeviceKey::new(&device_secret),
             warned_untrusted_forwarding: AtomicBool::new(false),
             outbox,
+            geoip,
         });
         sessions::spawn_pruner(Arc::downgrade(&state));
         sessions::spawn_reconciler(Arc::downgrade(&state));

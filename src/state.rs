@@ -37,4 +37,6 @@ pub struct AppState {
     pub warned_untrusted_forwarding: AtomicBool,
     /// Queues mail, in the caller's transaction (see `mail`).
     pub outbox: crate::mail::Outbox,
+    /// `GEOIP_DATABASE`, when set: where a login came from (see `geoip`).
+    pub geoip: Option<crate::geoip::GeoIp>,
 }

@@ -11,6 +11,7 @@ mod m20261201_000003_revocation;
 mod m20261201_000004_server_secrets;
 mod m20261210_000005_email_outbox;
 mod m20261211_000006_accounts;
+mod m20261211_000007_session_location;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000004_server_secrets::Migration),
             Box::new(m20261210_000005_email_outbox::Migration),
             Box::new(m20261211_000006_accounts::Migration),
+            Box::new(m20261211_000007_session_location::Migration),
         ]
     }
 }

@@ -43,6 +43,10 @@ pub struct SessionSummary {
     pub device: String,
     /// The client address of the last login or refresh.
     pub ip_address: Option<String>,
+    /// Where the login came from, e.g. "Berlin, DE" (city and ISO country code) or just
+    /// "DE", looked up in the server's `GEOIP_DATABASE` at login; `null` when the server has
+    /// none or it does not know the address. Refreshes do not change it.
+    pub location: Option<String>,
     pub created_at: DateTime<Utc>,
     /// The last login or refresh.
     pub last_used_at: DateTime<Utc>,
@@ -70,6 +74,7 @@ impl SessionList {
                 current: Some(s.id) == current,
                 id: s.id,
                 ip_address: s.last_used_ip.or(s.ip_address),
+                location: s.location,
                 user_agent: s.user_agent,
                 created_at: s.created_at,
                 last_used_at: s.last_used_at,

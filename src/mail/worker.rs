@@ -271,16 +271,22 @@ async fn record(
     let update =
         email_outbox::Entity::update_many().col_expr(Column::LeaseUntil, Expr::value(None::<DateTime<Utc>>));
     let update = match outcome {
+        // A sent or abandoned mail's bodies go: they hold live links, which SQL must not
+        // keep once they are of no more use (the subject stays, for people to read).
         Outcome::Sent => update
             .col_expr(Column::Status, Expr::value(SENT))
-            .col_expr(Column::SentAt, Expr::value(Some(now))),
+            .col_expr(Column::SentAt, Expr::value(Some(now)))
+            .col_expr(Column::TextBody, Expr::value(""))
+            .col_expr(Column::HtmlBody, Expr::value("")),
         Outcome::Retry(at, reason) => update
             .col_expr(Column::Status, Expr::value(QUEUED))
             .col_expr(Column::NextAttemptAt, Expr::value(*at))
             .col_expr(Column::LastError, Expr::value(Some(truncate(reason)))),
         Outcome::Abandoned(reason) => update
             .col_expr(Column::Status, Expr::value(ABANDONED))
-            .col_expr(Column::LastError, Expr::value(Some(truncate(reason)))),
+            .col_expr(Column::LastError, Expr::value(Some(truncate(reason))))
+            .col_expr(Column::TextBody, Expr::value(""))
+            .col_expr(Column::HtmlBody, Expr::value("")),
     };
     update
         .filter(Column::Id.eq(row.id))

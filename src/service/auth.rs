@@ -20,8 +20,9 @@ use crate::audit::AuditEvent;
 use crate::config::EmailVerification;
 use crate::domain::{Email, Password};
 use crate::error::{ApiError, ErrorCode};
+use crate::mail::{LinkPage, Mail};
 use crate::state::AppState;
-use crate::store::entity::{refresh_token, role, session, user, user_role};
+use crate::store::entity::{email_outbox, refresh_token, role, session, user, user_role};
 use crate::store::revocation::{Activated, Activation, SessionRecord, TokenInfo, TokenState};
 use crate::token::{self, AccessClaims};
 
@@ -138,6 +139,21 @@ pub async fn login(
     let jti = Uuid::now_v7();
     let ip = client.ip.map(|ip| ip.to_string());
     let ua = user_agent(client);
+    // Looked up once, here: refreshes keep the login's location.
+    let location = client.ip.and_then(|ip| state.geoip.as_ref()?.locate(ip));
+    // A login without a valid device token comes from a device this account has not used
+    // (or has forgotten): with NOTIFY_NEW_DEVICE, its owner hears of it.
+    let notice = match device {
+        None if state.config.notify_new_device => Some(state.outbox.row(&Mail::NewSignIn {
+            to: email.clone(),
+            device: sessions::device_label(ua.as_deref()),
+            ip: ip.clone().unwrap_or_else(|| "unknown".to_owned()),
+            location: location.clone(),
+            time: now.format("%Y-%m-%d %H:%M UTC").to_string(),
+            link: state.outbox.page(LinkPage::Sessions),
+        })?),
+        _ => None,
+    };
 
     let new_session = session::ActiveModel {
         id: Set(session_id),
@@ -149,19 +165,21 @@ pub async fn login(
         last_used_at: Set(now),
         expires_at: Set(expires_at),
         revoked_at: Set(None),
+        location: Set(location.clone()),
     };
     let first_token = refresh_token_row(jti, session_id, account.id, &refresh, None, now, expires_at, client);
-    if !write_login(&state.db, new_session, first_token, account.id, now).await? {
+    if !write_login(&state.db, new_session, first_token, notice, account.id, now).await? {
         // Disabled (or being deleted) since the password was checked: the session it
-        // wrote never goes live.
+        // wrote never goes live (and no mail was queued).
         sessions::end(state, sessions::Scope::One(session_id)).await?;
         return Err(login_failed(state, Some(account.id), client, now));
     }
+    let mut detail = serde_json::json!({"session_id": session_id});
+    if let Some(location) = location {
+        detail["location"] = location.into();
+    }
     state.audit.record(
-        AuditEvent::new("login_success", "success", now)
-            .user(account.id)
-            .client(client)
-            .detail(serde_json::json!({"session_id": session_id})),
+        AuditEvent::new("login_success", "success", now).user(account.id).client(client).detail(detail),
     );
 
     let info = TokenInfo { jti, session_id, user_id: account.id, issued_at: now, expires_at };
@@ -244,13 +262,18 @@ fn login_failed(
 /// one round trip instead of five (BEGIN, three statements, COMMIT). SQLite has no
 /// data-modifying CTEs, so there they run in a transaction.
 ///
+/// A new-device mail (`notice`) is written in the same transaction, so a login that fails
+/// queues none and one that commits cannot lose it. That takes the transaction on
+/// PostgreSQL too: the CTEs would insert it even when the touch matches nothing (below).
+///
 /// Returns false when the account was disabled (or is being deleted) meanwhile: its row
 /// is locked by the disabling transaction, and the touch waits for it and then matches
-/// nothing. Then the session must not go live (SQLite: nothing was written).
+/// nothing. Then the session must not go live (in a transaction: nothing was written).
 async fn write_login(
     db: &DatabaseConnection,
     session: session::ActiveModel,
     token: refresh_token::ActiveModel,
+    notice: Option<email_outbox::ActiveModel>,
     user_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, ApiError> {
@@ -258,7 +281,7 @@ async fn write_login(
         .col_expr(user::Column::LastLoginAt, Expr::value(now))
         .filter(user::Column::Id.eq(user_id))
         .filter(user::Column::DisabledAt.is_null());
-    if db.get_database_backend() == DbBackend::Postgres {
+    if db.get_database_backend() == DbBackend::Postgres && notice.is_none() {
         let writes = WithClause::new()
             .cte(
                 CommonTableExpression::new()
@@ -283,6 +306,9 @@ async fn write_login(
     }
     session.insert(&txn).await?;
     token.insert(&txn).await?;
+    if let Some(mail) = notice {
+        mail.insert(&txn).await?;
+    }
     txn.commit().await?;
     Ok(true)
 }

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use latchkey::store::entity::{audit_log, one_time_token, user};
+use latchkey::store::entity::{audit_log, email_outbox, one_time_token, user};
 use reqwest::StatusCode;
 use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
 use serde_json::{Value, json};
@@ -237,6 +237,20 @@ async fn sign_up_mails_a_link_that_verifies_the_address_once(backend: Backend, s
     // Used once.
     let reused = post(&app, "/v1/auth/verify-email", json!({"token": token})).await;
     assert_problem(reused, StatusCode::BAD_REQUEST, "invalid_one_time_token").await;
+    // Debug output never shows the password hash.
+    let row = user::Entity::find()
+        .filter(user::Column::Email.eq(email.as_str()))
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!format!("{row:?}").contains("argon2"), "{row:?}");
+    // Once sent, the outbox keeps no live link.
+    let outbox = email_outbox::Entity::find().all(&app.state.db).await.unwrap();
+    assert!(
+        outbox.iter().all(|m| m.status == "sent" && m.text_body.is_empty() && m.html_body.is_empty()),
+        "{outbox:#?}"
+    );
 }
 
 both!(required_verification_refuses_login_until_the_newest_link_is_used);

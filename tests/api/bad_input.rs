@@ -212,7 +212,7 @@ async fn unknown_routes_and_wrong_methods_get_the_json_body() {
         "method_not_allowed",
     )
     .await;
-    let resp = app.client.delete(app.url("/v1/users/me")).send().await.unwrap();
+    let resp = app.client.put(app.url("/v1/users/me")).send().await.unwrap();
     assert_problem(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
 }
 

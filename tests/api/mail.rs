@@ -251,7 +251,8 @@ async fn a_permanent_refusal_abandons_the_mail_at_once() {
 }
 
 #[tokio::test]
-async fn two_instances_on_one_postgres_drain_200_mails_and_send_none_twice() {
+async fn two_instances_on_one_postgres_drain_500_mails_and_send_none_twice() {
+    const MAILS: usize = 500;
     let sink = SmtpSink::start(&[]).await;
     let url = sink.url();
     let resources = Resources::new(Backend::Postgres, &Store::InProcess).await;
@@ -259,13 +260,13 @@ async fn two_instances_on_one_postgres_drain_200_mails_and_send_none_twice() {
     let first = TestApp::spawn_on(resources.clone(), &settings).await;
     let second = TestApp::spawn_on(resources, &settings).await;
     let mut ids = HashSet::new();
-    for n in 0..200 {
+    for n in 0..MAILS {
         let app = if n % 2 == 0 { &first } else { &second };
         ids.insert(enqueue(app, &verify_mail(app, n)).await);
     }
     assert!(
-        eventually(Duration::from_secs(60), || async {
-            rows(&first).await.iter().filter(|r| r.status == "sent").count() == 200
+        eventually(Duration::from_secs(120), || async {
+            rows(&first).await.iter().filter(|r| r.status == "sent").count() == MAILS
         })
         .await,
         "all sent"
@@ -276,8 +277,8 @@ async fn two_instances_on_one_postgres_drain_200_mails_and_send_none_twice() {
     let received: Vec<String> =
         messages.iter().map(|m| header(m, "Message-ID").expect("Message-ID").to_owned()).collect();
     let unique: HashSet<&String> = received.iter().collect();
-    assert_eq!(received.len(), 200, "none sent twice");
-    assert_eq!(unique.len(), 200);
+    assert_eq!(received.len(), MAILS, "none sent twice");
+    assert_eq!(unique.len(), MAILS);
     let expected: HashSet<String> = ids.iter().map(|id| format!("<{id}@localhost>")).collect();
     assert_eq!(unique.into_iter().cloned().collect::<HashSet<_>>(), expected);
     assert!(rows(&first).await.iter().all(|r| r.attempts == 1), "each leased once");

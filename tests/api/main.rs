@@ -13,6 +13,7 @@ mod example;
 mod flow;
 mod helpers;
 mod limits;
+mod location;
 mod mail;
 mod openapi;
 mod ops;

@@ -199,6 +199,7 @@ async fn plant_sessions(app: &TestApp, user_id: &str) {
             last_used_at: Set(used),
             expires_at: Set(now + chrono::Duration::days(30)),
             revoked_at: Set(None),
+            location: Set(None),
         });
         session::Entity::insert_many(rows).exec(&app.state.db).await.unwrap();
     }
