@@ -176,22 +176,26 @@ fn on_test_server(app: &TestApp, link: &str) -> String {
 struct Driver {
     child: tokio::process::Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    /// chromium's fresh profile, removed on drop even when the script had to be killed.
+    _profile: tempfile::TempDir,
 }
 
 impl Driver {
     fn start(script: &str, env: &[(&str, &str)]) -> Self {
         require_browser_tools();
+        let profile = tempfile::Builder::new().prefix("latchkey-chromium-").tempdir().expect("tempdir");
         let mut cmd = tokio::process::Command::new("node");
         cmd.arg(browser_dir().join(script))
             .envs(env.iter().copied())
             .env("CHROMIUM", CHROMIUM)
+            .env("PROFILE_DIR", profile.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         let mut child = cmd.spawn().expect("start node");
         let stdout = child.stdout.take().expect("stdout");
-        Self { child, lines: BufReader::new(stdout).lines() }
+        Self { child, lines: BufReader::new(stdout).lines(), _profile: profile }
     }
 
     /// The next report, as JSON; panics if the script ended or said nothing for 60 s.

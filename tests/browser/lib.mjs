@@ -44,7 +44,10 @@ export async function waitForTest() {
  * (reason on stderr) when anything throws.
  */
 export async function withPage(script) {
-  const profile = mkdtempSync(join(tmpdir(), "latchkey-chromium-"));
+  // A fresh profile: the test's own directory (it removes it even if it has to kill this
+  // script), or one of ours.
+  const given = process.env.PROFILE_DIR;
+  const profile = given || mkdtempSync(join(tmpdir(), "latchkey-chromium-"));
   let context;
   try {
     const url = process.env.PAGE_URL;
@@ -78,7 +81,7 @@ export async function withPage(script) {
     process.exitCode = 1;
   } finally {
     await context?.close().catch(() => {});
-    rmSync(profile, { recursive: true, force: true });
+    if (!given) rmSync(profile, { recursive: true, force: true });
     stdinLines?.return?.();
     process.stdin.destroy();
   }
