@@ -18,6 +18,7 @@ mod mail;
 mod openapi;
 mod ops;
 mod outage;
+mod pages;
 mod passwords;
 mod readme;
 mod revocation;
