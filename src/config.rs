@@ -220,6 +220,8 @@ pub struct Config {
     /// How often mail can be triggered for one address, and from one client.
     pub rate_limit_email_per_address: Rate,
     pub rate_limit_email_per_ip: Rate,
+    /// How long a password-checked login waits for its second factor.
+    pub mfa_ticket_ttl: Duration,
 }
 
 /// `EMAIL_VERIFICATION`: whether sign-up mails a verification link, and whether login
@@ -378,6 +380,7 @@ impl Config {
             email_change_ttl: env.duration("EMAIL_CHANGE_TTL", "1h")?,
             rate_limit_email_per_address: env.parse("RATE_LIMIT_EMAIL_PER_ADDRESS", "3/1h")?,
             rate_limit_email_per_ip: env.parse("RATE_LIMIT_EMAIL_PER_IP", "10/1h")?,
+            mfa_ticket_ttl: env.duration("MFA_TICKET_TTL", "5m")?,
         };
         config.validate()?;
         Ok(config)

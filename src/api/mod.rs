@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod health;
 pub mod keys;
+pub mod mfa;
 pub mod oauth;
 pub mod security;
 pub mod users;
@@ -29,14 +30,29 @@ pub enum ApiTags {
     OAuth,
 }
 
-pub type Apis =
-    (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, oauth::OAuthApi, health::HealthApi);
+pub type Apis = (
+    auth::AuthApi,
+    mfa::MfaApi,
+    users::UsersApi,
+    admin::AdminApi,
+    keys::KeysApi,
+    oauth::OAuthApi,
+    health::HealthApi,
+);
 
 /// The API with its OpenAPI document. Needs no state: handlers read it from request data,
 /// so `latchkey openapi` can print the spec without a database.
 pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (auth::AuthApi, users::UsersApi, admin::AdminApi, keys::KeysApi, oauth::OAuthApi, health::HealthApi),
+        (
+            auth::AuthApi,
+            mfa::MfaApi,
+            users::UsersApi,
+            admin::AdminApi,
+            keys::KeysApi,
+            oauth::OAuthApi,
+            health::HealthApi,
+        ),
         "Latchkey",
         env!("CARGO_PKG_VERSION"),
     )

@@ -130,6 +130,10 @@ pub async fn login(
     if state.config.email_verification == EmailVerification::Required && account.email_verified_at.is_none() {
         return Err(unverified(state, &account, client, now).await);
     }
+    if account.mfa_enabled {
+        // The password alone opens nothing: a ticket for the second factor.
+        return Err(super::mfa::challenge(state, &account, device, client).await?);
+    }
     state.metrics.login("success");
     open_session(state, &account, roles, Amr::PASSWORD, device, client, now).await
 }
@@ -167,7 +171,8 @@ pub async fn open_session(
     client: &ClientInfo,
     now: DateTime<Utc>,
 ) -> Result<Tokens, ApiError> {
-    let email = crate::domain::Email::parse(&account.email).map_err(|_| ApiError::internal("a stored email does not parse"))?;
+    let email = crate::domain::Email::parse(&account.email)
+        .map_err(|_| ApiError::internal("a stored email does not parse"))?;
     let account_key = email.as_str();
     let ttl = chrono::Duration::from_std(state.config.refresh_token_ttl).map_err(ApiError::internal)?;
     let session_id = Uuid::new_v4();

@@ -23,6 +23,8 @@ pub enum Limit {
     EmailPerAddress,
     /// Mail triggered from one client network.
     EmailPerIp,
+    /// Second-factor guesses for one account, across login tickets and step-ups.
+    MfaPerAccount,
 }
 
 impl Limit {
@@ -36,6 +38,7 @@ impl Limit {
             Limit::ClientAuthFailuresPerIp => "client_auth_failures_per_ip",
             Limit::EmailPerAddress => "email_per_address",
             Limit::EmailPerIp => "email_per_ip",
+            Limit::MfaPerAccount => "mfa_per_account",
         }
     }
 }
