@@ -51,6 +51,7 @@
 
   var password = document.getElementById("new-password");
   var confirmation = document.getElementById("confirm-password");
+  var mfaCode = document.getElementById("mfa-code");
   var busy = false;
 
   function finish(message, state) {
@@ -81,6 +82,11 @@
       return;
     }
     if (code === "rate_limited") return say(retryLater(response), "error");
+    if (code === "invalid_mfa_code") {
+      say("Your account has two-step sign-in: enter the current code from your authenticator app, or one of your recovery codes.", "error");
+      if (mfaCode) mfaCode.focus();
+      return;
+    }
     say(GENERIC, "error");
   }
 
@@ -97,6 +103,7 @@
       }
       confirmation.removeAttribute("aria-invalid");
       body.new_password = password.value;
+      if (mfaCode && mfaCode.value.trim() !== "") body.code = mfaCode.value.trim();
     }
     busy = true;
     button.disabled = true;

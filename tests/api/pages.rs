@@ -431,13 +431,17 @@ async fn the_reset_page_tells_the_user_what_each_answer_of_the_api_means() {
     let (text, r) = shown("offline");
     assert_eq!(text, "The server could not be reached. Check your connection and try again.", "{r}");
     assert_eq!(r["button_enabled"], true, "{r}");
+    // An account with two-step sign-in: the code is asked for, the form stays.
+    let (text, r) = shown("invalid_mfa_code");
+    assert!(text.contains("authenticator app") && text.contains("recovery code"), "{r}");
+    assert_eq!((&r["form_visible"], &r["button_enabled"]), (&json!(true), &json!(true)), "{r}");
     // A dead link: said, and the form goes away.
     let (text, r) = shown("invalid_one_time_token");
     assert_eq!(text, "This link is invalid, expired or already used — ask for a new one.", "{r}");
     assert_eq!(r["form_visible"], false, "{r}");
     // Every POST carried the fragment's token and the typed password, nothing else.
     let sent = report["sent"].as_array().unwrap();
-    assert_eq!(sent.len(), 6, "{report}");
+    assert_eq!(sent.len(), 7, "{report}");
     assert!(
         sent.iter()
             .all(|b| *b == json!({"token": "never-checked", "new_password": "a password long enough"})),

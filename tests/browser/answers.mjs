@@ -17,6 +17,7 @@ const ANSWERS = [
   ["rate_limited", problem(429, "rate_limited", "Too many requests.", { "Retry-After": "120" })],
   ["internal", problem(500, "internal", "Internal error.")],
   ["offline", null],
+  ["invalid_mfa_code", problem(401, "invalid_mfa_code", "This account has a second factor.")],
   ["invalid_one_time_token", problem(400, "invalid_one_time_token", "The link is invalid.")],
 ];
 
