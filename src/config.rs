@@ -224,6 +224,8 @@ pub struct Config {
     /// neither is set and `JWT_ISSUER` cannot be a relying party (an IP address, or plain
     /// http beyond localhost): passkeys are then off, and start-up says so.
     pub webauthn: Option<WebauthnSettings>,
+    /// How long a password-checked login waits for its second factor.
+    pub mfa_ticket_ttl: Duration,
 }
 
 /// How long a passkey ceremony (options, then the authenticator's answer) may take: the
@@ -505,6 +507,7 @@ impl Config {
                 env.optional("WEBAUTHN_ORIGINS"),
                 &env.string("JWT_ISSUER", "http://localhost:8080"),
             )?,
+            mfa_ticket_ttl: env.duration("MFA_TICKET_TTL", "5m")?,
         };
         config.validate()?;
         Ok(config)

@@ -33,6 +33,7 @@ pub enum ErrorCode {
     EmailNotVerified,
     InvalidOneTimeToken,
     WrongPassword,
+    MfaRequired,
     InvalidMfaCode,
     Forbidden,
     NotFound,
@@ -59,6 +60,7 @@ impl ErrorCode {
             Self::EmailNotVerified => "email_not_verified",
             Self::InvalidOneTimeToken => "invalid_one_time_token",
             Self::WrongPassword => "wrong_password",
+            Self::MfaRequired => "mfa_required",
             Self::InvalidMfaCode => "invalid_mfa_code",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
@@ -82,7 +84,9 @@ impl ErrorCode {
             | Self::TokenRevoked
             | Self::RefreshTokenReused
             | Self::InvalidMfaCode => StatusCode::UNAUTHORIZED,
-            Self::Forbidden | Self::EmailNotVerified | Self::WrongPassword => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::EmailNotVerified | Self::WrongPassword | Self::MfaRequired => {
+                StatusCode::FORBIDDEN
+            }
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::EmailTaken => StatusCode::CONFLICT,
@@ -109,7 +113,8 @@ impl ErrorCode {
             Self::EmailNotVerified => "The email address is not verified yet",
             Self::InvalidOneTimeToken => "The link is invalid, used or expired",
             Self::WrongPassword => "The current password is wrong",
-            Self::InvalidMfaCode => "The second factor was not accepted",
+            Self::MfaRequired => "A second factor is required",
+            Self::InvalidMfaCode => "The second factor is not valid",
             Self::Forbidden => "Not allowed",
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
@@ -133,6 +138,29 @@ pub struct Problem {
     pub title: String,
     /// Human-readable explanation of this occurrence.
     pub detail: String,
+    /// `mfa_required` only: completes the login at `POST /v1/auth/mfa` (opaque, single
+    /// use, valid `MFA_TICKET_TTL`).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(default)]
+    pub mfa_token: Option<String>,
+    /// `mfa_required` only: the second factors this user can use (`totp`,
+    /// `recovery_code`, `webauthn`).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+}
+
+/// What a `mfa_required` answer carries besides the code. `Debug` hides the ticket.
+#[derive(Clone)]
+pub struct MfaChallenge {
+    pub mfa_token: String,
+    pub methods: Vec<String>,
+}
+
+impl std::fmt::Debug for MfaChallenge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MfaChallenge").field("mfa_token", &"***").field("methods", &self.methods).finish()
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -142,6 +170,8 @@ pub struct ApiError {
     pub detail: Cow<'static, str>,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
+    /// `mfa_required` only.
+    pub mfa: Option<Box<MfaChallenge>>,
 }
 
 impl ApiError {
@@ -150,7 +180,7 @@ impl ApiError {
             ErrorCode::ServiceUnavailable => Some(1),
             _ => None,
         };
-        Self { code, detail: detail.into(), retry_after }
+        Self { code, detail: detail.into(), retry_after, mfa: None }
     }
 
     pub fn validation(detail: impl Into<Cow<'static, str>>) -> Self {
@@ -183,7 +213,19 @@ impl ApiError {
             code: self.code.as_str().to_owned(),
             title: self.code.title().to_owned(),
             detail: self.detail.to_string(),
+            mfa_token: self.mfa.as_ref().map(|m| m.mfa_token.clone()),
+            methods: self.mfa.as_ref().map(|m| m.methods.clone()),
         }
+    }
+
+    /// 403 `mfa_required`: the password was right; the login continues at `/v1/auth/mfa`.
+    pub fn mfa_required(challenge: MfaChallenge) -> Self {
+        let mut err = Self::new(
+            ErrorCode::MfaRequired,
+            "The password is right; complete the login with a second factor at POST /v1/auth/mfa.",
+        );
+        err.mfa = Some(Box::new(challenge));
+        err
     }
 
     fn www_authenticate(&self) -> Option<String> {
@@ -262,12 +304,12 @@ impl ApiResponse for ApiError {
                 ),
                 response(
                     401,
-                    "`invalid_credentials` (also a passkey login whose passkey is not accepted), `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`, `invalid_mfa_code` (a second factor that was not accepted).",
+                    "`invalid_credentials` (also a passwordless passkey login that is refused), `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`. `invalid_mfa_code`: a wrong, replayed or missing TOTP or recovery code, or a passkey assertion that does not verify.",
                     vec![with_header("WWW-Authenticate", "RFC 6750 challenge")],
                 ),
                 response(
                     403,
-                    "`forbidden`. `wrong_password`: the signed-in user's `current_password` is wrong. `email_not_verified`: the password is right but `EMAIL_VERIFICATION=required` and the address is not verified yet (a new link is mailed).",
+                    "`forbidden`. `wrong_password`: the signed-in user's `current_password` is wrong. `email_not_verified`: the password is right but `EMAIL_VERIFICATION=required` and the address is not verified yet (a new link is mailed). `mfa_required`: the password is right and the user has a second factor: the body adds `mfa_token` and `methods`; complete the login at `POST /v1/auth/mfa`.",
                     vec![],
                 ),
                 response(404, "`not_found`.", vec![]),

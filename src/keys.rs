@@ -604,6 +604,42 @@ impl std::fmt::Debug for KeyCache {
 /// The server secret that signs device tokens.
 pub const DEVICE_SECRET: &str = "device_token";
 
+/// The sealing format of user secrets (TOTP): ChaCha20-Poly1305, the row's purpose and
+/// owner as associated data, so a sealed value cannot be moved to another row.
+pub const USER_SECRET_SEALING: &str = "chacha20poly1305";
+
+/// Seals a user's secret under the KEK when one is set: `(stored bytes, format)`; without
+/// a KEK, the bytes in the clear and no format. `context` names the row (`totp\n<user>`).
+pub fn seal_user_secret(
+    settings: &KeySettings,
+    context: &str,
+    plain: &[u8],
+) -> Result<(Vec<u8>, Option<String>), KeyError> {
+    match &settings.kek {
+        Some(kek) => Ok((seal(kek, context.as_bytes(), plain)?, Some(USER_SECRET_SEALING.to_owned()))),
+        None => Ok((plain.to_vec(), None)),
+    }
+}
+
+/// Opens what [`seal_user_secret`] stored, with the KEK or the old one; `None` when neither
+/// opens it. A row in the clear (written before a KEK was set) opens as it is; its owner
+/// re-seals it on use.
+pub fn open_user_secret(
+    settings: &KeySettings,
+    context: &str,
+    stored: &[u8],
+    format: Option<&str>,
+) -> Option<Vec<u8>> {
+    match format {
+        None => Some(stored.to_vec()),
+        Some(USER_SECRET_SEALING) => [settings.kek.as_ref(), settings.old_kek.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|kek| unseal(kek, context.as_bytes(), stored)),
+        Some(_) => None,
+    }
+}
+
 fn secret_aad(name: &str) -> Vec<u8> {
     format!("server_secret\n{name}").into_bytes()
 }

@@ -15,6 +15,7 @@ pub mod geoip;
 pub mod keys;
 pub mod mail;
 pub mod metrics;
+pub mod pages;
 pub mod password;
 pub mod rate_limit;
 pub mod serve;

@@ -28,6 +28,7 @@ use crate::error::{ApiError, ErrorCode, into_problem};
 use crate::keys::{KeyCache, KeyRing};
 use crate::mail::{MailWorker, Outbox, Templates};
 use crate::metrics::{Metrics, Timed};
+use crate::pages::Pages;
 use crate::password::PasswordHasher;
 use crate::service::users::Profile;
 use crate::service::{sessions, users};
@@ -45,6 +46,7 @@ pub struct Application {
     state: Arc<AppState>,
     audit_worker: AuditWorker,
     mail_worker: MailWorker,
+    pages: Pages,
 }
 
 /// `/v1/users/me`'s reads, folded together under load. Two queries at a time: one in the
@@ -79,6 +81,7 @@ impl Application {
         // Templates first: a broken override stops start-up before anything connects.
         let templates = Templates::load(config.email_templates_dir.as_deref(), &config.product_name)
             .context("loading the mail templates (EMAIL_TEMPLATES_DIR)")?;
+        let pages = Pages::render(&config.product_name).context("rendering the account pages")?;
         let mail_transport = crate::mail::transport::Transport::from_config(&config)?;
         // Read once, into memory; a file that cannot be used stops start-up (its error names
         // GEOIP_DATABASE).
@@ -175,7 +178,7 @@ impl Application {
         sessions::spawn_reconciler(Arc::downgrade(&state));
         crate::audit::spawn_pruner(Arc::downgrade(&state));
         spawn_key_refresher(Arc::downgrade(&state));
-        Ok(Self { acceptor, port, metrics_listener, state, audit_worker, mail_worker })
+        Ok(Self { acceptor, port, metrics_listener, state, audit_worker, mail_worker, pages })
     }
 
     /// The metrics listener's port, when it is enabled.
@@ -201,7 +204,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let timeout = self.state.config.shutdown_timeout;
-        let app = routes(Arc::clone(&self.state));
+        let app = routes(Arc::clone(&self.state), &self.pages);
         tracing::info!(port = self.port, "listening");
         // One shutdown signal for both servers.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -318,7 +321,7 @@ fn spawn_sweeper(store: std::sync::Weak<MemoryStore>, limits: std::sync::Weak<Me
 }
 
 /// Every route, behind the middleware that gives every failure the same JSON body.
-pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
+pub fn routes(state: Arc<AppState>, pages: &Pages) -> BoxEndpoint<'static, Response> {
     let api = api::service();
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
@@ -329,6 +332,7 @@ pub fn routes(state: Arc<AppState>) -> BoxEndpoint<'static, Response> {
     Route::new()
         .at("/openapi.json", spec)
         .nest("/docs", docs)
+        .nest("/account", pages.routes())
         .nest("/", api)
         .around(move |ep, req| limit_body(ep, req, max_body, body_timeout))
         .around(observe)
@@ -402,19 +406,27 @@ async fn limit_body<E: Endpoint>(
 
 /// Counts and times every request by operation. Every label comes from a fixed set, so no
 /// client can add series: the OpenAPI operation id (paths with ids do not explode the set),
-/// `docs` or `unmatched`; a method of the fixed list or `other`; the status code.
+/// `docs`, `pages` (the account pages and their files) or `unmatched`; a method of the
+/// fixed list or `other`; the status code.
 async fn observe<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
     let started = std::time::Instant::now();
     let method = crate::metrics::method_label(req.method());
     let state = req.data::<Arc<AppState>>().cloned();
-    let docs = req.uri().path().starts_with("/docs") || req.uri().path() == "/openapi.json";
+    let path = req.uri().path();
+    let fixed = if path.starts_with("/docs") || path == "/openapi.json" {
+        "docs"
+    } else if path.starts_with("/account/") {
+        "pages"
+    } else {
+        "unmatched"
+    };
     let result = ep.call(req).await.map(poem::IntoResponse::into_response);
     if let Some(state) = state {
         let (op, status) = match &result {
             Ok(resp) => (resp.data::<OperationId>().map(|o| o.0), resp.status()),
             Err(err) => (err.data::<OperationId>().map(|o| o.0), err.status()),
         };
-        let route = op.unwrap_or(if docs { "docs" } else { "unmatched" });
+        let route = op.unwrap_or(fixed);
         state.metrics.http(route, method, status.as_u16(), started.elapsed());
     }
     result

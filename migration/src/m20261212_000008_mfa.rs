@@ -13,7 +13,10 @@ impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .alter_table(
-                Table::alter().table(Sessions::Table).add_column(string(Sessions::Amr).default("pwd")).to_owned(),
+                Table::alter()
+                    .table(Sessions::Table)
+                    .add_column(string(Sessions::Amr).default("pwd"))
+                    .to_owned(),
             )
             .await?;
         manager
@@ -25,6 +28,16 @@ impl MigrationTrait for Migration {
             )
             .await?;
         manager.get_connection().execute_unprepared("UPDATE sessions SET auth_time = created_at").await?;
+        // Whether login asks for a second factor: kept by the code that adds and removes
+        // factors, so a login reads it with the account it already reads.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Users::Table)
+                    .add_column(boolean(Users::MfaEnabled).default(false))
+                    .to_owned(),
+            )
+            .await?;
         manager
             .create_table(
                 Table::create()
@@ -80,7 +93,12 @@ impl MigrationTrait for Migration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager.drop_table(Table::drop().table(RecoveryCodes::Table).if_exists().to_owned()).await?;
         manager.drop_table(Table::drop().table(TotpFactors::Table).if_exists().to_owned()).await?;
-        manager.alter_table(Table::alter().table(Sessions::Table).drop_column(Sessions::AuthTime).to_owned()).await?;
+        manager
+            .alter_table(Table::alter().table(Users::Table).drop_column(Users::MfaEnabled).to_owned())
+            .await?;
+        manager
+            .alter_table(Table::alter().table(Sessions::Table).drop_column(Sessions::AuthTime).to_owned())
+            .await?;
         manager.alter_table(Table::alter().table(Sessions::Table).drop_column(Sessions::Amr).to_owned()).await
     }
 }
@@ -89,6 +107,7 @@ impl MigrationTrait for Migration {
 enum Users {
     Table,
     Id,
+    MfaEnabled,
 }
 
 #[derive(DeriveIden)]

@@ -158,6 +158,11 @@ pub struct SessionInfo {
     pub roles: Vec<String>,
     /// The session's end: login time + `REFRESH_TOKEN_TTL`.
     pub expires_at: DateTime<Utc>,
+    /// How the session's login was authenticated (RFC 8176): `pwd`; with `mfa` when a
+    /// second factor was used.
+    pub amr: Vec<String>,
+    /// When that login happened; refreshes keep it.
+    pub auth_time: DateTime<Utc>,
 }
 
 #[derive(ApiResponse)]
@@ -203,6 +208,9 @@ pub struct ResetPasswordRequest {
     pub token: SecretField,
     /// 8 to 1024 characters, at least `PASSWORD_MIN_STRENGTH`.
     pub new_password: SecretField,
+    /// A TOTP or recovery code: required when the account has TOTP on (a reset does not
+    /// get around the second factor).
+    pub code: Option<SecretField>,
 }
 
 /// The same answer whether or not the address has an account.
@@ -507,7 +515,8 @@ impl AuthApi {
     ) -> Result<NoContent, ApiError> {
         let password = Password::new(body.0.new_password.0)?;
         let client = client_info(req, &state);
-        accounts::reset_password(&state, &body.0.token.0, password, &client).await?;
+        let code = body.0.code.map(|c| c.0);
+        accounts::reset_password(&state, &body.0.token.0, password, code.as_deref(), &client).await?;
         Ok(NoContent::Done)
     }
 
@@ -539,6 +548,8 @@ impl AuthApi {
             user_id: a.claims.sub,
             roles: a.claims.roles.clone(),
             expires_at: a.session.expires_at,
+            amr: a.claims.amr.clone(),
+            auth_time: DateTime::from_timestamp(a.claims.auth_time, 0).unwrap_or_default(),
         }))
     }
 }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod health;
 pub mod keys;
+pub mod mfa;
 pub mod oauth;
 pub mod passkeys;
 pub mod security;
@@ -34,6 +35,7 @@ pub enum ApiTags {
 
 pub type Apis = (
     auth::AuthApi,
+    mfa::MfaApi,
     users::UsersApi,
     passkeys::PasskeysApi,
     admin::AdminApi,
@@ -48,6 +50,7 @@ pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             auth::AuthApi,
+            mfa::MfaApi,
             users::UsersApi,
             passkeys::PasskeysApi,
             admin::AdminApi,

@@ -123,6 +123,12 @@ pub struct Introspection {
     pub jti: Option<String>,
     #[oai(skip_serializing_if_is_none)]
     pub sid: Option<String>,
+    /// Access tokens: how the session was authenticated (RFC 8176).
+    #[oai(skip_serializing_if_is_none)]
+    pub amr: Option<Vec<String>>,
+    /// Access tokens: when (Unix seconds).
+    #[oai(skip_serializing_if_is_none)]
+    pub auth_time: Option<i64>,
 }
 
 /// A registered confidential client (`latchkey client create`), with HTTP Basic.
@@ -304,6 +310,8 @@ async fn introspect(state: &AppState, presented: &str) -> Result<Introspection, 
             iat: Some(claims.iat),
             jti: Some(claims.jti.to_string()),
             sid: Some(claims.sid.to_string()),
+            amr: Some(claims.amr.clone()),
+            auth_time: Some(claims.auth_time),
         });
     }
     if presented.len() > 128 {

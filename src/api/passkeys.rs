@@ -71,6 +71,8 @@ pub struct PasskeyLoginRequest {
 #[oai(deny_unknown_fields)]
 pub struct RemovePasskeyRequest {
     pub current_password: SecretField,
+    /// A TOTP or recovery code: required when the account has TOTP on.
+    pub code: Option<SecretField>,
 }
 
 /// One of the user's passkeys.
@@ -140,7 +142,8 @@ impl PasskeysApi {
     /// Register a passkey
     ///
     /// The authenticator's answer to the options of `challenge_id` (each works once, for 5
-    /// minutes). Every other session of the user ends; this one stays. 400
+    /// minutes). Every other session of the user ends; this one stays. From then on, a
+    /// password login asks for a second factor (403 `mfa_required`). 400
     /// `validation_failed` for an unknown, used or expired `challenge_id`, a credential
     /// that does not verify (another origin, another challenge, no user verification), a
     /// passkey already registered, or a bad name.
@@ -186,8 +189,10 @@ impl PasskeysApi {
     /// Remove a passkey
     ///
     /// Needs the current password (403 `wrong_password`; attempts count against the
-    /// account's login budget). Every other session of the user ends. Another user's
-    /// passkey id is answered 404, like one that does not exist.
+    /// account's login budget) and, when the account has TOTP on, a `code` (401
+    /// `invalid_mfa_code`). Every other session of the user ends. Another user's passkey id
+    /// is answered 404, like one that does not exist. With its last passkey (and no TOTP)
+    /// gone, password logins no longer ask for a second factor.
     #[oai(path = "/v1/users/me/passkeys/:id", method = "delete", operation_id = "removePasskey")]
     async fn remove(
         &self,
@@ -198,9 +203,10 @@ impl PasskeysApi {
         body: Json<RemovePasskeyRequest>,
     ) -> Result<NoContent, ApiError> {
         let current = Password::candidate(body.0.current_password.0)?;
+        let code = body.0.code.map(|c| c.0);
         let client = client_info(req, &state);
         let claims = &auth.0.claims;
-        passkeys::remove(&state, claims.sub, claims.sid, id.0, current, &client).await?;
+        passkeys::remove(&state, claims.sub, claims.sid, id.0, current, code.as_deref(), &client).await?;
         Ok(NoContent::Done)
     }
 

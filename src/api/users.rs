@@ -90,6 +90,8 @@ impl SessionList {
 #[oai(deny_unknown_fields)]
 pub struct ChangePasswordRequest {
     pub current_password: SecretField,
+    /// A TOTP or recovery code: required when the account has TOTP on.
+    pub code: Option<SecretField>,
     /// 8 to 1024 characters, at least `PASSWORD_MIN_STRENGTH`.
     pub new_password: SecretField,
 }
@@ -101,6 +103,8 @@ pub struct ChangeEmailRequest {
     #[oai(validator(max_length = 254))]
     pub new_email: String,
     pub current_password: SecretField,
+    /// A TOTP or recovery code: required when the account has TOTP on.
+    pub code: Option<SecretField>,
 }
 
 /// The current password, to confirm a deletion.
@@ -108,6 +112,8 @@ pub struct ChangeEmailRequest {
 #[oai(deny_unknown_fields)]
 pub struct DeleteAccountRequest {
     pub current_password: SecretField,
+    /// A TOTP or recovery code: required when the account has TOTP on.
+    pub code: Option<SecretField>,
 }
 
 #[derive(ApiResponse)]
@@ -156,9 +162,19 @@ impl UsersApi {
     ) -> Result<NoContent, ApiError> {
         let current = Password::candidate(body.0.current_password.0)?;
         let new_password = Password::new(body.0.new_password.0)?;
+        let code = body.0.code.map(|c| c.0);
         let client = client_info(req, &state);
         let claims = &auth.0.claims;
-        accounts::change_password(&state, claims.sub, claims.sid, current, new_password, &client).await?;
+        accounts::change_password(
+            &state,
+            claims.sub,
+            claims.sid,
+            current,
+            code.as_deref(),
+            new_password,
+            &client,
+        )
+        .await?;
         Ok(NoContent::Done)
     }
 
@@ -179,9 +195,11 @@ impl UsersApi {
     ) -> Result<EmailChangeAccepted, ApiError> {
         let new_email = Email::parse(&body.0.new_email)?;
         let current = Password::candidate(body.0.current_password.0)?;
+        let code = body.0.code.map(|c| c.0);
         let client = client_info(req, &state);
         let claims = &auth.0.claims;
-        accounts::change_email(&state, claims.sub, claims.sid, &new_email, current, &client).await?;
+        accounts::change_email(&state, claims.sub, claims.sid, &new_email, current, code.as_deref(), &client)
+            .await?;
         Ok(EmailChangeAccepted::Accepted(Json(SignUpAccepted {
             email: new_email.as_str().to_owned(),
             verification: "sent".into(),
@@ -202,8 +220,9 @@ impl UsersApi {
         body: Json<DeleteAccountRequest>,
     ) -> Result<NoContent, ApiError> {
         let current = Password::candidate(body.0.current_password.0)?;
+        let code = body.0.code.map(|c| c.0);
         let client = client_info(req, &state);
-        accounts::delete_own(&state, auth.0.claims.sub, current, &client).await?;
+        accounts::delete_own(&state, auth.0.claims.sub, current, code.as_deref(), &client).await?;
         Ok(NoContent::Done)
     }
 

@@ -390,12 +390,15 @@ pub async fn reset_password(
     state: &AppState,
     presented: &str,
     new_password: Password,
+    code: Option<&str>,
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
     let now = state.clock.now();
     // Judged before the token is used: a weak password leaves the link working.
     let row = find_token(&state.db, Purpose::ResetPassword, presented, now).await?;
     let owner = account(&state.db, row.user_id).await?.ok_or_else(invalid_token)?;
+    // A reset must not get around the second factor.
+    super::mfa::step_up(state, &owner, code, client).await?;
     let password = state
         .hasher
         .judge(new_password, &address(&owner.email)?, state.config.password_min_strength)
@@ -428,10 +431,12 @@ pub async fn reset_password(
 
 /// The signed-in user's account, with the current password checked. Charged to the
 /// account's login budget first, so a stolen access token cannot guess the password.
+/// With a second factor (TOTP), `code` must be right too (the step-up, see `mfa`).
 pub(crate) async fn confirm_identity(
     state: &AppState,
     user_id: Uuid,
     current: Password,
+    code: Option<&str>,
     action: &'static str,
     client: &ClientInfo,
 ) -> Result<user::Model, ApiError> {
@@ -446,6 +451,7 @@ pub(crate) async fn confirm_identity(
         );
         return Err(wrong_password());
     }
+    super::mfa::step_up(state, &owner, code, client).await?;
     Ok(owner)
 }
 
@@ -455,10 +461,11 @@ pub async fn change_password(
     user_id: Uuid,
     session_id: Uuid,
     current: Password,
+    code: Option<&str>,
     new_password: Password,
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
-    let owner = confirm_identity(state, user_id, current, "password_change", client).await?;
+    let owner = confirm_identity(state, user_id, current, code, "password_change", client).await?;
     let password = state
         .hasher
         .judge(new_password, &address(&owner.email)?, state.config.password_min_strength)
@@ -492,9 +499,10 @@ pub async fn change_email(
     session_id: Uuid,
     new_email: &Email,
     current: Password,
+    code: Option<&str>,
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
-    let owner = confirm_identity(state, user_id, current, "email_change", client).await?;
+    let owner = confirm_identity(state, user_id, current, code, "email_change", client).await?;
     if owner.email == new_email.as_str() {
         return Err(ApiError::validation("new_email: this is already the account's email"));
     }
@@ -574,9 +582,10 @@ pub async fn delete_own(
     state: &AppState,
     user_id: Uuid,
     current: Password,
+    code: Option<&str>,
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
-    confirm_identity(state, user_id, current, "account_delete", client).await?;
+    confirm_identity(state, user_id, current, code, "account_delete", client).await?;
     delete_account(state, user_id, None, client).await
 }
 

@@ -130,6 +130,10 @@ pub async fn login(
     if state.config.email_verification == EmailVerification::Required && account.email_verified_at.is_none() {
         return Err(unverified(state, &account, client, now).await);
     }
+    if account.mfa_enabled {
+        // The password alone opens nothing: a ticket for the second factor.
+        return Err(super::mfa::challenge(state, &account, device, client).await?);
+    }
     state.metrics.login("success");
     open_session(state, &account, roles, Amr::PASSWORD, device, client, now).await
 }

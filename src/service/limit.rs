@@ -26,6 +26,8 @@ pub enum Limit {
     /// Passwordless passkey ceremonies started from one client network (each one is state
     /// a stranger makes the server keep).
     PasskeyPerIp,
+    /// Second-factor guesses for one account, across login tickets and step-ups.
+    MfaPerAccount,
 }
 
 impl Limit {
@@ -40,6 +42,7 @@ impl Limit {
             Limit::EmailPerAddress => "email_per_address",
             Limit::EmailPerIp => "email_per_ip",
             Limit::PasskeyPerIp => "passkey_per_ip",
+            Limit::MfaPerAccount => "mfa_per_account",
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod clients;
 pub mod devices;
 pub mod limit;
+pub mod mfa;
 pub mod passkeys;
 pub mod sessions;
 pub mod users;

@@ -32,7 +32,7 @@ use webauthn_rs::prelude::{
 use super::auth::{self, Amr, Tokens};
 use super::limit::{self, Limit};
 use super::sessions::{self, Scope};
-use super::{ClientInfo, accounts, users};
+use super::{ClientInfo, accounts, mfa, users};
 use crate::audit::AuditEvent;
 use crate::config::{EmailVerification, PASSKEY_CEREMONY_TTL};
 use crate::domain::Password;
@@ -200,7 +200,8 @@ pub async fn registration_options(
 
 /// `POST /v1/users/me/passkeys`: verifies the authenticator's answer to the ceremony named
 /// `challenge_id` (once: the state is taken) and stores the passkey. The user's other
-/// sessions end, in the same transaction.
+/// sessions end, in the same transaction, and from then on a password login asks for a
+/// second factor (`users.mfa_enabled`, see `mfa::sync_flag`).
 pub async fn register(
     state: &AppState,
     user_id: Uuid,
@@ -264,6 +265,8 @@ pub async fn register(
         }
         Err(e) => return Err(e.into()),
     };
+    // From now on a password login asks for a second factor (this passkey, or TOTP).
+    mfa::sync_flag(&txn, user_id).await?;
     let ended =
         sessions::end_in(&txn, &Scope::AllOfUserExcept { user: user_id, keep: session_id }, now).await?;
     txn.commit().await?;
@@ -277,17 +280,19 @@ pub async fn register(
     Ok(row.into())
 }
 
-/// `DELETE /v1/users/me/passkeys/{id}`: needs the current password; another user's
-/// passkey is answered like one that does not exist. The user's other sessions end.
+/// `DELETE /v1/users/me/passkeys/{id}`: needs the current password (and, with TOTP on,
+/// a `code`: the step-up); another user's passkey is answered like one that does not
+/// exist. The user's other sessions end.
 pub async fn remove(
     state: &AppState,
     user_id: Uuid,
     session_id: Uuid,
     passkey_id: Uuid,
     current: Password,
+    code: Option<&str>,
     client: &ClientInfo,
 ) -> Result<(), ApiError> {
-    accounts::confirm_identity(state, user_id, current, "passkey_removed", client).await?;
+    accounts::confirm_identity(state, user_id, current, code, "passkey_removed", client).await?;
     let now = state.clock.now();
     let txn = state.db.begin().await?;
     let deleted = passkey::Entity::delete_many()
@@ -299,6 +304,8 @@ pub async fn remove(
         txn.rollback().await?;
         return Err(ApiError::new(ErrorCode::NotFound, "No such passkey."));
     }
+    // Its last passkey (and no TOTP): password logins no longer ask for a second factor.
+    mfa::sync_flag(&txn, user_id).await?;
     let ended =
         sessions::end_in(&txn, &Scope::AllOfUserExcept { user: user_id, keep: session_id }, now).await?;
     txn.commit().await?;

@@ -108,6 +108,7 @@ pub async fn insert_user(
         last_login_at: Set(None),
         email_verified_at: Set(None),
         disabled_at: Set(None),
+        mfa_enabled: Set(false),
     };
     row.insert(db).await.map_err(|e| match e.sql_err() {
         Some(SqlErr::UniqueConstraintViolation(_)) => {

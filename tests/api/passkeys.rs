@@ -462,6 +462,56 @@ async fn a_passkey_serves_as_a_second_factor_once_per_ticket(backend: Backend, s
 }
 both!(a_passkey_serves_as_a_second_factor_once_per_ticket);
 
+/// After a password, a passkey completes the login through `/v1/auth/mfa`; removing the
+/// last passkey makes the password alone enough again.
+async fn a_password_login_then_asks_for_the_passkey(backend: Backend, store: Store) {
+    let site = site(backend, store, &[]).await;
+    let (email, tokens) = site.app.signed_in_user().await;
+    let mut key = authenticator();
+    let (id, credential_id) = site.add_passkey(&tokens.access, &mut key, "Key").await;
+
+    let resp = site.app.login(&email, PASSWORD).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let ticket: Value = resp.json().await.unwrap();
+    assert_eq!((&ticket["code"], &ticket["methods"]), (&json!("mfa_required"), &json!(["webauthn"])));
+    let mfa_token = &ticket["mfa_token"];
+    let resp = site.post("/v1/auth/mfa/webauthn/options", None, &json!({"mfa_token": mfa_token})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let options: Value = resp.json().await.unwrap();
+    assert_eq!(options["publicKey"]["allowCredentials"][0]["id"], credential_id.as_str());
+    assert_eq!(options["publicKey"]["userVerification"], "required");
+
+    // An assertion from another origin is a wrong second factor; the ticket lives on.
+    let phished = Site::assert_with(&mut key, &elsewhere(), &options, &credential_id);
+    let body = json!({"mfa_token": mfa_token, "method": "webauthn", "credential": phished});
+    assert_problem(
+        site.post("/v1/auth/mfa", None, &body).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_mfa_code",
+    )
+    .await;
+
+    let resp = site.post("/v1/auth/mfa/webauthn/options", None, &json!({"mfa_token": mfa_token})).await;
+    let options: Value = resp.json().await.unwrap();
+    let assertion = Site::assert_with(&mut key, &site.origin, &options, &credential_id);
+    let body = json!({"mfa_token": mfa_token, "method": "webauthn", "credential": assertion});
+    let resp = site.post("/v1/auth/mfa", None, &body).await;
+    let status = resp.status();
+    let signed: Value = resp.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{signed}");
+    let signed = Tokens::from(signed);
+    assert_eq!(crate::tokens::parts(&signed.access).1["amr"], json!(["pwd", "hwk", "mfa"]));
+    assert_eq!(me_status(&site.app, &signed.access).await, StatusCode::OK);
+    // The same answer again: the ticket is spent.
+    assert_eq!(site.post("/v1/auth/mfa", None, &body).await.status(), StatusCode::UNAUTHORIZED);
+    let used = site.audited("passkey_used", "success").await;
+    assert_eq!(used.detail.unwrap()["purpose"], "second_factor");
+
+    assert_eq!(site.remove(&signed.access, &id, PASSWORD).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(site.app.login(&email, PASSWORD).await.status(), StatusCode::OK, "the password alone again");
+}
+both!(a_password_login_then_asks_for_the_passkey);
+
 #[tokio::test]
 async fn passwordless_options_are_rate_limited_per_client() {
     let site = site(Backend::Sqlite, Store::InProcess, &[("RATE_LIMIT_LOGIN_PER_IP", "3/1m")]).await;

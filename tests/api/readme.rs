@@ -60,3 +60,14 @@ async fn readme_walkthrough_works_verbatim() {
     assert!(readme.contains(last), "README's printed error differs from the real one:\n{last}");
     assert!(last.contains(r#""code": "token_revoked""#));
 }
+
+#[tokio::test]
+async fn readme_totp_walkthrough_works_verbatim() {
+    let app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &DEFAULTS).await;
+    let script = block("totp");
+    assert!(script.contains("BASE=http://127.0.0.1:8080"));
+    let script = script.replace("BASE=http://127.0.0.1:8080", &format!("BASE={}", app.address));
+    let (ok, stdout, stderr) = run(script).await;
+    assert!(ok, "walk-through failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.trim(), "10\n[\"pwd\",\"otp\",\"mfa\"]", "{stdout}\n{stderr}");
+}

@@ -18,6 +18,8 @@ pub struct Model {
     pub email_verified_at: Option<DateTimeUtc>,
     /// A disabled user cannot log in and has no sessions.
     pub disabled_at: Option<DateTimeUtc>,
+    /// The user has a second factor (a confirmed TOTP or a passkey): login asks for it.
+    pub mfa_enabled: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -55,6 +57,7 @@ impl std::fmt::Debug for Model {
             .field("last_login_at", &self.last_login_at)
             .field("email_verified_at", &self.email_verified_at)
             .field("disabled_at", &self.disabled_at)
+            .field("mfa_enabled", &self.mfa_enabled)
             .finish_non_exhaustive()
     }
 }
