@@ -118,6 +118,9 @@ pub struct PasskeysApi;
 impl PasskeysApi {
     /// Start registering a passkey
     ///
+    /// Needs the current password (403 `wrong_password`), and a `code` when the account has
+    /// TOTP on: a stolen access token must not be enough to plant a passkey.
+    ///
     /// Creation options for a new passkey of the signed-in user (user verification
     /// required, a discoverable credential preferred so it can sign in without a password;
     /// the account's passkeys are excluded). 400 `validation_failed` when the account has
@@ -133,9 +136,14 @@ impl PasskeysApi {
         state: Data<&Arc<AppState>>,
         req: &Request,
         auth: BearerAuth,
+        body: Json<super::mfa::StepUp>,
     ) -> Result<Json<CeremonyOptions>, ApiError> {
         let client = client_info(req, &state);
-        let ceremony = passkeys::registration_options(&state, auth.0.claims.sub, &client).await?;
+        let current = crate::domain::Password::candidate(body.0.current_password.0)?;
+        let code = body.0.code.map(|c| c.0);
+        let ceremony =
+            passkeys::registration_options(&state, auth.0.claims.sub, current, code.as_deref(), &client)
+                .await?;
         Ok(Json(ceremony.into()))
     }
 

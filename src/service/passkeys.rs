@@ -166,9 +166,13 @@ pub async fn list(state: &AppState, user_id: Uuid) -> Result<Vec<Summary>, ApiEr
 pub async fn registration_options(
     state: &AppState,
     user_id: Uuid,
+    current: crate::domain::Password,
+    code: Option<&str>,
     client: &ClientInfo,
 ) -> Result<Ceremony, ApiError> {
     let rp = relying_party(state)?;
+    // Adding a way in is a sensitive change: the password (and the second factor) again.
+    super::accounts::confirm_identity(state, user_id, current, code, "passkey_add", client).await?;
     // Each one is state kept for a while: a token is no licence to fill the store.
     let rate = state.config.rate_limit_login_per_ip;
     limit::charge(state, Limit::PasskeyPerIp, &limit::ip_key(state, client), rate, client).await?;

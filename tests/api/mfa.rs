@@ -385,3 +385,24 @@ async fn the_mfa_required_answer_is_documented_with_its_ticket() {
     assert!(login.contains("mfa_required"), "{login}");
     assert!(spec["paths"]["/v1/auth/mfa"]["post"].is_object());
 }
+
+#[tokio::test]
+async fn adding_a_passkey_asks_for_the_password_and_the_second_factor() {
+    // A stolen access token alone must not plant a way in.
+    let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
+    let (_, secret, _, tokens) = enrolled(&app).await;
+    let options = "/v1/users/me/passkeys/options";
+    let (status, body) = post(&app, options, Some(&tokens.access), json!({})).await;
+    assert_eq!((status, &body["code"]), (StatusCode::BAD_REQUEST, &json!("validation_failed")));
+    let (status, body) =
+        post(&app, options, Some(&tokens.access), json!({"current_password": "not it at all"})).await;
+    assert_eq!((status, &body["code"]), (StatusCode::FORBIDDEN, &json!("wrong_password")));
+    let (status, body) =
+        post(&app, options, Some(&tokens.access), json!({"current_password": PASSWORD})).await;
+    assert_eq!((status, &body["code"]), (StatusCode::UNAUTHORIZED, &json!("invalid_mfa_code")));
+    let code = pyotp(&secret, now(&app) + 30);
+    let (status, body) =
+        post(&app, options, Some(&tokens.access), json!({"current_password": PASSWORD, "code": code})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["challenge_id"].is_string());
+}

@@ -76,7 +76,9 @@ impl Site {
 
     /// Registration options: (challenge_id, options).
     async fn registration_options(&self, token: &str) -> (String, CreationChallengeResponse) {
-        let resp = self.post("/v1/users/me/passkeys/options", Some(token), &json!({})).await;
+        let resp = self
+            .post("/v1/users/me/passkeys/options", Some(token), &json!({"current_password": PASSWORD}))
+            .await;
         assert_eq!(resp.status(), StatusCode::OK);
         let body: Value = resp.json().await.unwrap();
         let options = &body["options"];
