@@ -220,8 +220,130 @@ pub struct Config {
     /// How often mail can be triggered for one address, and from one client.
     pub rate_limit_email_per_address: Rate,
     pub rate_limit_email_per_ip: Rate,
+    /// `WEBAUTHN_RP_ID` and `WEBAUTHN_ORIGINS` (defaults from `JWT_ISSUER`); `None` when
+    /// neither is set and `JWT_ISSUER` cannot be a relying party (an IP address, or plain
+    /// http beyond localhost): passkeys are then off, and start-up says so.
+    pub webauthn: Option<WebauthnSettings>,
     /// How long a password-checked login waits for its second factor.
     pub mfa_ticket_ttl: Duration,
+}
+
+/// How long a passkey ceremony (options, then the authenticator's answer) may take: the
+/// authenticator's timeout in the options, and the life of the ceremony's state.
+pub const PASSKEY_CEREMONY_TTL: Duration = Duration::from_secs(300);
+
+/// The WebAuthn relying party: its id (a domain) and the origins allowed to use passkeys,
+/// each the RP id or one of its subdomains, `https://` (or `http://localhost…`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebauthnSettings {
+    pub rp_id: String,
+    pub origins: Vec<url::Url>,
+}
+
+impl WebauthnSettings {
+    /// The relying party, as webauthn-rs checks it (built once at start, see `startup`).
+    pub fn build(&self, rp_name: &str) -> Result<webauthn_rs::Webauthn, String> {
+        let (first, rest) = self.origins.split_first().ok_or("no origin")?;
+        let mut builder = webauthn_rs::WebauthnBuilder::new(&self.rp_id, first)
+            .map_err(|e| format!("{first} is not {:?} or a subdomain of it ({e})", self.rp_id))?
+            .rp_name(rp_name)
+            .timeout(PASSKEY_CEREMONY_TTL);
+        for origin in rest {
+            builder = builder.append_allowed_origin(origin);
+        }
+        builder.build().map_err(|e| e.to_string())
+    }
+}
+
+/// `WEBAUTHN_RP_ID` and `WEBAUTHN_ORIGINS`, each defaulting to `JWT_ISSUER`'s host and
+/// origin. A value that is set and wrong names its variable; defaults that cannot work
+/// (an IP address, http beyond localhost) turn passkeys off unless either variable is set.
+fn webauthn_settings(
+    rp_id: Option<String>,
+    origins: Option<String>,
+    issuer: &str,
+) -> Result<Option<WebauthnSettings>, ConfigError> {
+    const RP_ID: &str = "WEBAUTHN_RP_ID";
+    const ORIGINS: &str = "WEBAUTHN_ORIGINS";
+    let explicit = rp_id.is_some() || origins.is_some();
+    let origins_set = origins.is_some();
+    // An issuer that is no URL is JWT_ISSUER's own error (see `validate`).
+    let Ok(issuer) = url::Url::parse(issuer) else { return Ok(None) };
+    let derived = |variable: &'static str, reason: String| {
+        if explicit {
+            Err(invalid(variable, format!("defaults to JWT_ISSUER's, which {reason}: set {variable}")))
+        } else {
+            Ok(None)
+        }
+    };
+    let origins: Vec<url::Url> = match &origins {
+        Some(list) => {
+            let parsed: Vec<url::Url> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    let origin = s.parse::<Origin>().map_err(|e| invalid(ORIGINS, e))?;
+                    url::Url::parse(&origin.0)
+                        .map_err(|_| invalid(ORIGINS, format!("{s:?} is not an origin")))
+                })
+                .collect::<Result<_, _>>()?;
+            if parsed.is_empty() {
+                return Err(invalid(ORIGINS, "lists no origin".into()));
+            }
+            parsed
+        }
+        None => {
+            let origin = issuer.origin().ascii_serialization();
+            match url::Url::parse(&origin) {
+                Ok(url) if origin != "null" => vec![url],
+                _ => return derived(ORIGINS, format!("{issuer} has no origin")),
+            }
+        }
+    };
+    let rp_id = match rp_id {
+        Some(id) => {
+            let id = id.to_ascii_lowercase();
+            match url::Host::parse(&id) {
+                Ok(url::Host::Domain(d)) if d == id && !d.ends_with('.') => id,
+                _ => {
+                    return Err(invalid(
+                        RP_ID,
+                        format!("{id:?} is not a domain name (an IP address cannot be one)"),
+                    ));
+                }
+            }
+        }
+        None => match issuer.host() {
+            Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+            _ => {
+                return derived(
+                    RP_ID,
+                    "is not a domain name (an IP address cannot be a relying party)".into(),
+                );
+            }
+        },
+    };
+    for origin in &origins {
+        let host = origin.host_str().unwrap_or_default();
+        let localhost = host == "localhost" || host.ends_with(".localhost");
+        if origin.scheme() != "https" && !(origin.scheme() == "http" && localhost) {
+            let reason =
+                format!("{origin} is not https:// (browsers allow passkeys over http on localhost only)");
+            return if origins_set {
+                Err(invalid(ORIGINS, reason))
+            } else {
+                derived(ORIGINS, format!("is plain http beyond localhost ({origin})"))
+            };
+        }
+        if host != rp_id && !host.ends_with(&format!(".{rp_id}")) {
+            return Err(invalid(
+                ORIGINS,
+                format!("{origin} is neither WEBAUTHN_RP_ID ({rp_id:?}) nor a subdomain of it"),
+            ));
+        }
+    }
+    Ok(Some(WebauthnSettings { rp_id, origins }))
 }
 
 /// `EMAIL_VERIFICATION`: whether sign-up mails a verification link, and whether login
@@ -380,6 +502,11 @@ impl Config {
             email_change_ttl: env.duration("EMAIL_CHANGE_TTL", "1h")?,
             rate_limit_email_per_address: env.parse("RATE_LIMIT_EMAIL_PER_ADDRESS", "3/1h")?,
             rate_limit_email_per_ip: env.parse("RATE_LIMIT_EMAIL_PER_IP", "10/1h")?,
+            webauthn: webauthn_settings(
+                env.optional("WEBAUTHN_RP_ID"),
+                env.optional("WEBAUTHN_ORIGINS"),
+                &env.string("JWT_ISSUER", "http://localhost:8080"),
+            )?,
             mfa_ticket_ttl: env.duration("MFA_TICKET_TTL", "5m")?,
         };
         config.validate()?;
@@ -499,6 +626,9 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("MAX_BODY_BYTES", "must be at least 1024".into()));
+        }
+        if let Some(webauthn) = &self.webauthn {
+            webauthn.build(&self.product_name).map_err(|e| invalid("WEBAUTHN_ORIGINS", e))?;
         }
         self.validate_mail()
     }
@@ -786,6 +916,56 @@ mod tests {
         ] {
             let err = config(&[(var, value)]).expect_err(var);
             assert_eq!(err.variable, var, "{err}");
+        }
+    }
+
+    #[test]
+    fn the_relying_party_defaults_to_the_issuer_and_refuses_what_cannot_work() {
+        let settings = |pairs: &[(&str, &str)]| config(pairs).map(|c| c.webauthn);
+        let default = settings(&[]).expect("defaults").expect("on by default");
+        assert_eq!(default.rp_id, "localhost");
+        assert_eq!(default.origins, vec![url::Url::parse("http://localhost:8080").expect("url")]);
+        let derived = settings(&[("JWT_ISSUER", "https://Auth.Example.com/tenant/")]).expect("valid");
+        let derived = derived.expect("on");
+        assert_eq!(derived.rp_id, "auth.example.com");
+        assert_eq!(derived.origins[0].as_str(), "https://auth.example.com/");
+        let both = settings(&[
+            ("WEBAUTHN_RP_ID", "example.com"),
+            ("WEBAUTHN_ORIGINS", "https://auth.example.com, https://example.com:8443"),
+        ])
+        .expect("valid")
+        .expect("on");
+        assert_eq!((both.rp_id.as_str(), both.origins.len()), ("example.com", 2));
+        // Defaults that cannot be a relying party turn passkeys off, without an error.
+        for issuer in ["http://127.0.0.1:8080", "http://auth.internal:8080", "https://[::1]:8443"] {
+            assert_eq!(settings(&[("JWT_ISSUER", issuer)]).expect(issuer), None, "{issuer}");
+        }
+        for (pairs, variable) in [
+            (vec![("WEBAUTHN_ORIGINS", "https://evil.example")], "WEBAUTHN_ORIGINS"),
+            (vec![("WEBAUTHN_ORIGINS", "*")], "WEBAUTHN_ORIGINS"),
+            (vec![("WEBAUTHN_ORIGINS", " , ")], "WEBAUTHN_ORIGINS"),
+            (vec![("WEBAUTHN_ORIGINS", "https://localhost.evil.example")], "WEBAUTHN_ORIGINS"),
+            (
+                vec![("WEBAUTHN_RP_ID", "example.com"), ("WEBAUTHN_ORIGINS", "http://example.com")],
+                "WEBAUTHN_ORIGINS",
+            ),
+            (
+                vec![("WEBAUTHN_RP_ID", "example.com"), ("WEBAUTHN_ORIGINS", "https://badexample.com")],
+                "WEBAUTHN_ORIGINS",
+            ),
+            (vec![("WEBAUTHN_RP_ID", "10.0.0.1")], "WEBAUTHN_RP_ID"),
+            (vec![("WEBAUTHN_RP_ID", "example.com/path")], "WEBAUTHN_RP_ID"),
+            (
+                vec![("JWT_ISSUER", "http://10.0.0.1"), ("WEBAUTHN_ORIGINS", "https://a.example")],
+                "WEBAUTHN_RP_ID",
+            ),
+            (
+                vec![("JWT_ISSUER", "http://auth.internal"), ("WEBAUTHN_RP_ID", "auth.internal")],
+                "WEBAUTHN_ORIGINS",
+            ),
+        ] {
+            let err = config(&pairs).expect_err(&format!("{pairs:?}"));
+            assert_eq!(err.variable, variable, "{pairs:?}: {err}");
         }
     }
 

@@ -240,7 +240,7 @@ impl ApiError {
             return Some(r#"Bearer realm="latchkey""#.to_owned());
         }
         let error = match self.code {
-            ErrorCode::InvalidCredentials => "invalid_request",
+            ErrorCode::InvalidCredentials | ErrorCode::InvalidMfaCode => "invalid_request",
             _ => "invalid_token",
         };
         let description = self.code.title().replace('"', "'");
@@ -304,7 +304,7 @@ impl ApiResponse for ApiError {
                 ),
                 response(
                     401,
-                    "`invalid_credentials`, `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`. `invalid_mfa_code`: a wrong, replayed or missing TOTP or recovery code, or a passkey assertion that does not verify.",
+                    "`invalid_credentials` (also a passwordless passkey login that is refused), `invalid_token`, `token_expired`, `token_revoked`, `refresh_token_reused`, `invalid_client`. `invalid_mfa_code`: a wrong, replayed or missing TOTP or recovery code, or a passkey assertion that does not verify.",
                     vec![with_header("WWW-Authenticate", "RFC 6750 challenge")],
                 ),
                 response(

@@ -86,6 +86,7 @@ impl Application {
         // Read once, into memory; a file that cannot be used stops start-up (its error names
         // GEOIP_DATABASE).
         let geoip = config.geoip_database.as_deref().map(crate::geoip::GeoIp::open).transpose()?;
+        let webauthn = relying_party(&config)?;
         let mut db = db::connect(&config).await.context("connecting to the database (DATABASE_URL)")?;
         // The mail workers' handle on the pool, without the per-statement metrics: their
         // polling would blur the statement counts of requests (they have metrics of their own).
@@ -171,6 +172,7 @@ impl Application {
             warned_untrusted_forwarding: AtomicBool::new(false),
             outbox,
             geoip,
+            webauthn,
         });
         sessions::spawn_pruner(Arc::downgrade(&state));
         sessions::spawn_reconciler(Arc::downgrade(&state));
@@ -246,6 +248,24 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The WebAuthn relying party, or `None` (said in the log) when passkeys are off.
+fn relying_party(config: &Config) -> anyhow::Result<Option<webauthn_rs::Webauthn>> {
+    let Some(settings) = &config.webauthn else {
+        tracing::warn!(
+            issuer = %config.jwt_issuer,
+            "passkeys are off: JWT_ISSUER cannot be a WebAuthn relying party (an IP address, or plain \
+             http beyond localhost); set WEBAUTHN_RP_ID and WEBAUTHN_ORIGINS to turn them on"
+        );
+        return Ok(None);
+    };
+    let webauthn = settings
+        .build(&config.product_name)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: WEBAUTHN_ORIGINS / WEBAUTHN_RP_ID: {e}"))?;
+    let origins: Vec<&str> = settings.origins.iter().map(url::Url::as_str).collect();
+    tracing::info!(rp_id = %settings.rp_id, origins = ?origins, "passkeys: relying party");
+    Ok(Some(webauthn))
 }
 
 /// Re-reads the signing keys every `KEYS_REFRESH_INTERVAL`, so a rotation made by any

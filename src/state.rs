@@ -39,4 +39,7 @@ pub struct AppState {
     pub outbox: crate::mail::Outbox,
     /// `GEOIP_DATABASE`, when set: where a login came from (see `geoip`).
     pub geoip: Option<crate::geoip::GeoIp>,
+    /// The WebAuthn relying party (`WEBAUTHN_RP_ID`, `WEBAUTHN_ORIGINS`), built once at
+    /// start; `None`: passkeys are off (see `config::WebauthnSettings`).
+    pub webauthn: Option<webauthn_rs::Webauthn>,
 }

@@ -13,6 +13,7 @@ mod m20261210_000005_email_outbox;
 mod m20261211_000006_accounts;
 mod m20261211_000007_session_location;
 mod m20261212_000008_mfa;
+mod m20261212_000009_passkeys;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261211_000006_accounts::Migration),
             Box::new(m20261211_000007_session_location::Migration),
             Box::new(m20261212_000008_mfa::Migration),
+            Box::new(m20261212_000009_passkeys::Migration),
         ]
     }
 }

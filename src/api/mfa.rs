@@ -139,7 +139,7 @@ impl MfaApi {
         body: Json<MfaTicket>,
     ) -> Result<Json<serde_json::Value>, ApiError> {
         let (user_id, key) = mfa::ticket_user(&state, &body.0.mfa_token.0).await?;
-        Ok(Json(crate::service::passkey_options_for_ticket(&state, user_id, &key).await?))
+        Ok(Json(crate::service::passkeys::second_factor_options(&state, user_id, &key).await?))
     }
 
     /// Start TOTP enrolment

@@ -8,6 +8,7 @@ pub mod health;
 pub mod keys;
 pub mod mfa;
 pub mod oauth;
+pub mod passkeys;
 pub mod security;
 pub mod users;
 
@@ -19,6 +20,8 @@ pub enum ApiTags {
     Auth,
     /// The signed-in user.
     Users,
+    /// Passkeys (WebAuthn): register, list and remove them; log in without a password.
+    Passkeys,
     /// Public keys for verifying access tokens offline.
     Keys,
     /// Liveness and readiness.
@@ -34,6 +37,7 @@ pub type Apis = (
     auth::AuthApi,
     mfa::MfaApi,
     users::UsersApi,
+    passkeys::PasskeysApi,
     admin::AdminApi,
     keys::KeysApi,
     oauth::OAuthApi,
@@ -48,6 +52,7 @@ pub fn service() -> OpenApiService<Apis, ()> {
             auth::AuthApi,
             mfa::MfaApi,
             users::UsersApi,
+            passkeys::PasskeysApi,
             admin::AdminApi,
             keys::KeysApi,
             oauth::OAuthApi,

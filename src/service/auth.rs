@@ -253,7 +253,7 @@ pub async fn open_session(
 
 /// `EMAIL_VERIFICATION=required` and the password was right, but the address is not
 /// verified: 403 `email_not_verified`, and a fresh link is mailed (within the mail limits).
-async fn unverified(
+pub(crate) async fn unverified(
     state: &AppState,
     account: &user::Model,
     client: &ClientInfo,

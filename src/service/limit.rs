@@ -23,6 +23,9 @@ pub enum Limit {
     EmailPerAddress,
     /// Mail triggered from one client network.
     EmailPerIp,
+    /// Passwordless passkey ceremonies started from one client network (each one is state
+    /// a stranger makes the server keep).
+    PasskeyPerIp,
     /// Second-factor guesses for one account, across login tickets and step-ups.
     MfaPerAccount,
 }
@@ -38,6 +41,7 @@ impl Limit {
             Limit::ClientAuthFailuresPerIp => "client_auth_failures_per_ip",
             Limit::EmailPerAddress => "email_per_address",
             Limit::EmailPerIp => "email_per_ip",
+            Limit::PasskeyPerIp => "passkey_per_ip",
             Limit::MfaPerAccount => "mfa_per_account",
         }
     }

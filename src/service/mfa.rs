@@ -210,7 +210,7 @@ pub async fn sync_flag(conn: &impl ConnectionTrait, user_id: Uuid) -> Result<boo
         .count(conn)
         .await?
         > 0;
-    let enabled = totp || super::passkeys_present(conn, user_id).await?;
+    let enabled = totp || super::passkeys::has_passkeys(conn, user_id).await?;
     user::Entity::update_many()
         .col_expr(user::Column::MfaEnabled, Expr::value(enabled))
         .filter(user::Column::Id.eq(user_id))
@@ -316,7 +316,7 @@ pub async fn methods(state: &AppState, user_id: Uuid) -> Result<Vec<String>, Api
         methods.push(Method::Totp.as_str().to_owned());
         methods.push(Method::RecoveryCode.as_str().to_owned());
     }
-    if super::passkeys_present(&state.db, user_id).await? {
+    if super::passkeys::has_passkeys(&state.db, user_id).await? {
         methods.push(Method::Webauthn.as_str().to_owned());
     }
     Ok(methods)
@@ -394,7 +394,9 @@ pub async fn complete(
             }
         }
         Proof::Passkey(credential) => {
-            match super::passkey_second_factor(state, user_id, &key, credential.clone(), client).await {
+            match super::passkeys::second_factor_finish(state, user_id, &key, credential.clone(), client)
+                .await
+            {
                 Ok(()) => true,
                 Err(e) if e.code == ErrorCode::InvalidMfaCode => false,
                 Err(e) => return Err(e),

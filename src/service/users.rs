@@ -73,6 +73,11 @@ pub async fn profile_by_email(db: &impl ConnectionTrait, email: &Email) -> Resul
     Ok(with_roles(db, user::Column::Email.eq(email.as_str())).await?.into_iter().next())
 }
 
+/// The account with this id and its roles, in one query.
+pub async fn profile_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Profile>, ApiError> {
+    Ok(with_roles(db, user::Column::Id.eq(id)).await?.into_iter().next())
+}
+
 /// The accounts matching `filter`, each joined with its roles, in one query.
 async fn with_roles(db: &impl ConnectionTrait, filter: impl IntoCondition) -> Result<Vec<Profile>, ApiError> {
     let rows = user::Entity::find().filter(filter).find_with_related(role::Entity).all(db).await?;

@@ -20,6 +20,7 @@ mod openapi;
 mod ops;
 mod outage;
 mod pages;
+mod passkeys;
 mod passwords;
 mod readme;
 mod revocation;

@@ -12,7 +12,7 @@ use sea_orm::EntityTrait as _;
 use serde_json::{Value, json};
 
 use crate::accounts::spawn;
-use crate::helpers::{Backend, PASSWORD, Store, TestApp, Tokens, assert_problem};
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, Tokens};
 
 macro_rules! both {
     ($name:ident) => {

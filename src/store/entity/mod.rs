@@ -4,6 +4,7 @@ pub mod audit_log;
 pub mod email_outbox;
 pub mod oauth_client;
 pub mod one_time_token;
+pub mod passkey;
 pub mod recovery_code;
 pub mod refresh_token;
 pub mod revocation_job;
