@@ -672,3 +672,88 @@ async fn a_passkey_added_on_the_passkeys_page_signs_in_without_a_password_in_a_r
     assert_eq!(claims(access)["amr"], json!(["pwd", "hwk", "mfa"]), "{}", claims(access));
     browser.finish().await;
 }
+
+#[tokio::test]
+async fn the_passkeys_page_tells_the_user_what_each_answer_of_the_api_means() {
+    // The page in a real browser on localhost, the API stubbed inside it
+    // (passkeys_answers.mjs): each answer in turn.
+    let (_app, page_url) = spawn_on_localhost().await;
+    let mut browser = Driver::start("passkeys_answers.mjs", &[("PAGE_URL", &page_url)]);
+    let report = browser.report().await;
+    browser.finish().await;
+    assert_eq!(report["violations"], json!([]), "{report}");
+    let results = &report["results"];
+    let shown = |name: &str| {
+        let r = &results[name];
+        (
+            r["state"].as_str().unwrap_or("").to_owned(),
+            r["status"].as_str().unwrap_or("").to_owned(),
+            r.clone(),
+        )
+    };
+    let login = json!(["POST /v1/auth/login"]);
+
+    // A wrong password, a rate limit, no network: said, and the form stays.
+    let (state, text, r) = shown("invalid_credentials");
+    assert_eq!((state.as_str(), text.as_str()), ("error", "The email address or the password is not right."));
+    assert_eq!((&r["password_form"], &r["requests"]), (&json!(true), &login), "{r}");
+    let (_, text, r) = shown("rate_limited");
+    assert_eq!(text, "Too many attempts. Try again in a minute.", "{r}");
+    let (_, text, r) = shown("offline");
+    assert_eq!(text, "The server could not be reached. Check your connection and try again.", "{r}");
+    assert_eq!(r["password_form"], true, "{r}");
+
+    // A second factor with codes only: the code field, no passkey button.
+    let (state, text, r) = shown("mfa_required");
+    assert_eq!(
+        (state.as_str(), text.as_str()),
+        ("info", "Enter the code from your authenticator app, or one of your recovery codes."),
+        "{r}"
+    );
+    assert_eq!(
+        (&r["password_form"], &r["mfa_form"], &r["mfa_code"], &r["mfa_passkey"]),
+        (&json!(false), &json!(true), &json!(true), &json!(false)),
+        "{r}"
+    );
+    for name in ["invalid_mfa_code", "invalid_recovery_code"] {
+        let (state, text, r) = shown(name);
+        assert_eq!(state, "error", "{r}");
+        assert_eq!(
+            text,
+            "That was not accepted. Try again with the current code, or use another second factor."
+        );
+        assert_eq!((&r["mfa_form"], &r["requests"]), (&json!(true), &json!(["POST /v1/auth/mfa"])), "{r}");
+    }
+    // Six digits are a TOTP code (spaces dropped), anything else a recovery code; always
+    // with the ticket of the mfa_required answer.
+    let ticket = "ticket-never-checked";
+    assert_eq!(
+        report["mfa_bodies"],
+        json!([
+            {"mfa_token": ticket, "method": "totp", "code": "123456"},
+            {"mfa_token": ticket, "method": "recovery_code", "code": "abcd-efgh-jkmn"},
+            {"mfa_token": ticket, "method": "totp", "code": "654321"},
+        ]),
+        "{report}"
+    );
+    // A dead ticket: back to the password.
+    let (_, text, r) = shown("ticket_gone");
+    assert_eq!(text, "The sign-in took too long or was tried too often. Please sign in again.", "{r}");
+    assert_eq!((&r["password_form"], &r["mfa_form"]), (&json!(true), &json!(false)), "{r}");
+
+    // Passkeys off on the server; a prompt that ends with no passkey: nothing else sent.
+    let options = json!(["POST /v1/auth/passkey/options"]);
+    let (_, text, r) = shown("passkeys_off");
+    assert_eq!(
+        (text.as_str(), &r["requests"]),
+        ("Passkeys are not enabled on this server.", &options),
+        "{r}"
+    );
+    let (state, text, r) = shown("no_passkey");
+    assert_eq!(
+        (state.as_str(), text.as_str()),
+        ("error", "The passkey request was cancelled or timed out. Nothing was changed."),
+        "{r}"
+    );
+    assert_eq!(r["requests"], options, "{r}");
+}
