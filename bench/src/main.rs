@@ -95,6 +95,9 @@ impl Server {
             .env("RATE_LIMIT_REGISTER_PER_IP", "100000000/1s")
             .env("RATE_LIMIT_REFRESH_PER_IP", "100000000/1s")
             .env("PASSWORD_HASH_QUEUE", "4096")
+            // The token paths are measured: sign-up without a verification mail (and its
+            // answer floor), as before email verification existed.
+            .env("EMAIL_VERIFICATION", "off")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         for (k, v) in env {
@@ -676,7 +679,7 @@ async fn seed(addr: SocketAddr, users: usize, tag: &str) -> anyhow::Result<Seede
             Some(json!({"email": email, "password": PASSWORD})),
         )
         .await?;
-        if status != 201 {
+        if status != 201 && status != 202 {
             bail!("seeding: register answered {status}");
         }
         let (status, tokens) = request(

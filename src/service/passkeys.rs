@@ -362,9 +362,10 @@ pub async fn login(
     else {
         return Err(fail(None, "unknown_passkey"));
     };
-    // A discoverable credential names its user; it must be the passkey's owner.
-    if let Ok((named, _)) = rp.identify_discoverable_authentication(&credential)
-        && named != row.user_id
+    // A discoverable credential names its user (the id it was registered with); it must be
+    // the passkey's owner. One that names none is found by its credential id alone.
+    if let Some(handle) = credential.get_user_unique_id()
+        && handle != row.user_id.as_bytes()
     {
         return Err(fail(Some(row.user_id), "wrong_user_handle"));
     }
