@@ -3,7 +3,9 @@
 //!
 //! Three small HTML pages, rendered once at start-up from one minijinja template (the
 //! `.html` name makes minijinja escape `PRODUCT_NAME`), and the one script and style sheet
-//! they share, all compiled in. The script reads the token from the URL fragment, which
+//! they share, all compiled in. A fourth, `/account/passkeys` (issue 16), has a template and
+//! a script of its own (`passkeys.js`): sign in with a passkey, or with a password and a
+//! second factor, and add passkeys, so passkeys work without a custom front end. The script reads the token from the URL fragment, which
 //! no server, proxy or `Referer` ever sees, and POSTs it to the JSON API only when the
 //! person presses the button: opening a page changes nothing, so mail scanners that follow
 //! (and even run) links do no harm. No inline script or style, so the pages carry a
@@ -21,6 +23,8 @@ use poem::{Response, Route, get};
 const TEMPLATE: &str = include_str!("page.html");
 const SCRIPT: &str = include_str!("account.js");
 const STYLE: &str = include_str!("account.css");
+const PASSKEYS_TEMPLATE: &str = include_str!("passkeys.html");
+const PASSKEYS_SCRIPT: &str = include_str!("passkeys.js");
 
 /// Only Latchkey's own script, style sheet and API; no framing, no `<base>`, forms only
 /// to Latchkey.
@@ -44,14 +48,20 @@ impl Pages {
     pub fn render(product_name: &str) -> Result<Self, minijinja::Error> {
         let mut env = Environment::new();
         env.add_template("page.html", TEMPLATE)?;
+        env.add_template("passkeys.html", PASSKEYS_TEMPLATE)?;
         let template = env.get_template("page.html")?;
-        let rendered = PAGES
+        let mut rendered = PAGES
             .iter()
             .map(|&(page, title, button)| {
                 let html = template.render(context! { page, title, button, product_name })?;
                 Ok((page, html))
             })
-            .collect::<Result<_, minijinja::Error>>()?;
+            .collect::<Result<Vec<_>, minijinja::Error>>()?;
+        let page = "passkeys";
+        let html = env
+            .get_template("passkeys.html")?
+            .render(context! { page, title => "Passkeys", product_name })?;
+        rendered.push((page, html));
         Ok(Self { rendered })
     }
 
@@ -69,6 +79,12 @@ impl Pages {
                 "/account.js",
                 get(poem::endpoint::make_sync(|_| {
                     respond(SCRIPT.to_owned(), "text/javascript; charset=utf-8")
+                })),
+            )
+            .at(
+                "/passkeys.js",
+                get(poem::endpoint::make_sync(|_| {
+                    respond(PASSKEYS_SCRIPT.to_owned(), "text/javascript; charset=utf-8")
                 })),
             )
             .at(
@@ -109,7 +125,7 @@ mod tests {
     #[test]
     fn the_product_name_is_escaped_everywhere_it_appears() {
         let pages = Pages::render(r#"<script>alert("x")</script> & "Co""#).unwrap();
-        assert_eq!(pages.rendered.len(), 3);
+        assert_eq!(pages.rendered.len(), 4);
         for (name, html) in &pages.rendered {
             assert!(!html.contains("<script>alert"), "{name}: {html}");
             assert!(html.contains("&lt;script&gt;alert(&quot;x&quot;)"), "{name}: {html}");
@@ -126,5 +142,22 @@ mod tests {
             assert!(html.contains(&format!(">{button}</button>")), "{html}");
             assert_eq!(html.contains(r#"type="password""#), name == "reset-password", "{name}");
         }
+    }
+
+    #[test]
+    fn the_passkeys_page_has_both_ways_in_and_loads_its_own_script() {
+        let pages = Pages::render("Latchkey").unwrap();
+        let html = page(&pages, "passkeys");
+        for needle in [
+            r#"data-page="passkeys""#,
+            r#"<script src="passkeys.js" defer></script>"#,
+            ">Sign in with a passkey</button>",
+            ">Add a passkey</button>",
+            r#"autocomplete="current-password""#,
+            r#"autocomplete="one-time-code""#,
+        ] {
+            assert!(html.contains(needle), "no {needle}: {html}");
+        }
+        assert!(!html.contains("account.js"), "{html}");
     }
 }

@@ -2,6 +2,9 @@
 //! HTTP, and the pages themselves in a real headless browser (Debian's `chromium`, driven
 //! by the node scripts in `tests/browser/` through npm's `playwright-core`).
 //!
+//! `/account/passkeys` (issue 16) is tested the same ways: its markup and headers, and a
+//! passkey added and used on it in chromium with a CDP virtual authenticator.
+//!
 //! The browser tests need `/usr/bin/chromium` (`apt-get install -y chromium`) and
 //! `npm ci --prefix tests/browser`; `.ci/run` does both. Without them they fail, saying so.
 
@@ -16,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use crate::accounts::Mailbox;
-use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem};
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem, free_port};
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
                    img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -447,4 +450,310 @@ async fn the_reset_page_tells_the_user_what_each_answer_of_the_api_means() {
             .all(|b| *b == json!({"token": "never-checked", "new_password": "a password long enough"})),
         "{report}"
     );
+}
+
+// --- the passkeys page ------------------------------------------------------------------
+
+/// The app as `http://localhost:PORT`, named `Acme`: WebAuthn wants a secure context and a
+/// domain as the relying party (never `127.0.0.1`), and `WEBAUTHN_RP_ID` and
+/// `WEBAUTHN_ORIGINS` default to `JWT_ISSUER`'s host and origin, so the issuer names
+/// localhost and the port the server listens on. Returns the page's URL too.
+async fn spawn_on_localhost() -> (TestApp, String) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let origin = format!("http://localhost:{port}");
+    let env = [("LISTEN_ADDR", listen.as_str()), ("JWT_ISSUER", origin.as_str()), ("PRODUCT_NAME", "Acme")];
+    let app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &env).await;
+    (app, format!("{origin}/account/passkeys"))
+}
+
+/// An access token's claims (unverified: the server checks the token when it is used).
+fn claims(access: &str) -> Value {
+    use base64::Engine as _;
+    let payload = access.split('.').nth(1).expect("a JWT");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url");
+    serde_json::from_slice(&json).expect("JSON claims")
+}
+
+#[tokio::test]
+async fn the_passkeys_page_is_small_strict_html_like_the_other_account_pages() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &[("PRODUCT_NAME", "<b>Acme</b> & Co")]).await;
+    let path = "/account/passkeys";
+    let resp = app.get(path, None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "content-type"), "text/html; charset=utf-8");
+    assert_page_headers(&resp, path);
+    let html = resp.text().await.unwrap();
+    assert!(html.starts_with("<!doctype html>"), "{html}");
+    assert_no_inline_code(&html, path);
+    assert!(!html.contains("<b>Acme"), "the product name unescaped: {html}");
+    let title = html.split("<title>").nth(1).and_then(|t| t.split("</title>").next()).unwrap();
+    assert_eq!(title, "Passkeys · &lt;b&gt;Acme&lt;&#x2f;b&gt; &amp; Co", "{html}");
+    assert!(html.matches("&lt;b&gt;Acme&lt;").count() >= 3, "{html}");
+    for needle in [
+        r#"<script src="passkeys.js" defer></script>"#,
+        r#"<link rel="stylesheet" href="account.css">"#,
+        r#"aria-live="polite""#,
+        ">Sign in with a passkey</button>",
+        r#"<label for="email">"#,
+        r#"autocomplete="username""#,
+        r#"<label for="password">"#,
+        r#"autocomplete="current-password""#,
+        r#"<label for="mfa-code">"#,
+        r#"autocomplete="one-time-code""#,
+        r#"<label for="passkey-name">"#,
+        r#"maxlength="64""#,
+        ">Add a passkey</button>",
+    ] {
+        assert!(html.contains(needle), "no {needle}: {html}");
+    }
+
+    // Its script, from Latchkey like the others; it keeps tokens in memory only.
+    let resp = app.get("/account/passkeys.js", None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "content-type"), "text/javascript; charset=utf-8");
+    assert_page_headers(&resp, "/account/passkeys.js");
+    let script = resp.text().await.unwrap();
+    for call in [".create(creationOptions(", ".get(requestOptions(", "credentials: \"omit\""] {
+        assert!(script.contains(call), "passkeys.js: no {call}");
+    }
+    for place in ["localStorage", "sessionStorage", "document.cookie", "history.", "location.hash"] {
+        assert!(!script.contains(place), "passkeys.js touches {place}");
+    }
+
+    let head = app.client.head(app.url(path)).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_page_headers(&head, "HEAD /account/passkeys");
+    let post = app.client.post(app.url(path)).send().await.unwrap();
+    assert_problem(post, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    assert_problem(app.get("/account/passkeys/x", None).await, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+/// What the page showed at a step: its status line, and every step's common checks (no
+/// CSP violation or script error, no token in the address bar, storage or cookies).
+fn shown<'a>(report: &'a Value, step: &str, page_url: &str) -> (&'a str, &'a str) {
+    assert_eq!(report["step"], step, "{report}");
+    assert_eq!(report["violations"], json!([]), "{step}: {report}");
+    assert_eq!(report["url"], page_url, "{step}: the address changed: {report}");
+    assert_eq!(report["stored"], json!({"local": [], "session": [], "cookies": ""}), "{step}: {report}");
+    (report["state"].as_str().unwrap_or(""), report["status"].as_str().unwrap_or(""))
+}
+
+#[tokio::test]
+async fn a_passkey_added_on_the_passkeys_page_signs_in_without_a_password_in_a_real_browser() {
+    require_browser_tools();
+    let (app, page_url) = spawn_on_localhost().await;
+    let email = format!("passkey-{}@example.com", uuid::Uuid::new_v4().simple());
+    assert_eq!(app.register(&email, PASSWORD).await.status(), StatusCode::CREATED);
+    let mut browser = Driver::start(
+        "passkeys.mjs",
+        &[("PAGE_URL", &page_url), ("EMAIL", &email), ("PASSWORD", PASSWORD), ("PASSKEY_NAME", "Test key")],
+    );
+
+    // Opened: both ways in, and nothing sent.
+    let opened = browser.report().await;
+    shown(&opened, "opened", &page_url);
+    assert_eq!(opened["title"], "Passkeys · Acme", "{opened}");
+    assert_eq!(opened["api_requests"], json!([]), "opening the page called the API: {opened}");
+    assert_eq!((&opened["signed_out"], &opened["signed_in"]), (&json!(true), &json!(false)), "{opened}");
+    assert_eq!(opened["passkey_button"], true, "{opened}");
+
+    // Signed in with the password: the account, with no passkey yet.
+    let password = browser.report().await;
+    assert_eq!(
+        shown(&password, "password", &page_url),
+        ("success", "You are signed in. Add a passkey below."),
+        "{password}"
+    );
+    assert_eq!(password["user_email"], email.as_str(), "{password}");
+    assert_eq!(password["passkeys"], json!([]), "{password}");
+    assert_eq!(
+        password["api_requests"],
+        json!(["POST /v1/auth/login", "GET /v1/users/me", "GET /v1/users/me/passkeys"]),
+        "{password}"
+    );
+
+    // A passkey added: created by the authenticator as a discoverable credential for
+    // localhost, registered, and listed.
+    let added = browser.report().await;
+    let (state, status) = shown(&added, "added", &page_url);
+    assert_eq!(state, "success", "{added}");
+    assert!(status.starts_with("Your passkey \u{201c}Test key\u{201d} was added"), "{added}");
+    assert_eq!(
+        added["api_requests"],
+        json!([
+            "POST /v1/users/me/passkeys/options",
+            "POST /v1/users/me/passkeys",
+            "GET /v1/users/me/passkeys"
+        ]),
+        "{added}"
+    );
+    let listed = added["passkeys"].as_array().unwrap();
+    assert!(listed.len() == 1 && listed[0].as_str().unwrap().starts_with("Test key"), "{added}");
+    let credentials = added["credentials"].as_array().unwrap();
+    assert_eq!(credentials.len(), 1, "{added}");
+    assert_eq!((&credentials[0]["resident"], &credentials[0]["rp_id"]), (&json!(true), &json!("localhost")));
+
+    // Reloaded: the page remembers nothing and calls nothing.
+    let reloaded = browser.report().await;
+    shown(&reloaded, "reloaded", &page_url);
+    assert_eq!(
+        (&reloaded["signed_out"], &reloaded["signed_in"]),
+        (&json!(true), &json!(false)),
+        "{reloaded}"
+    );
+    assert_eq!(reloaded["api_requests"], json!([]), "{reloaded}");
+
+    // Signed in with the passkey alone (the authenticator offers it: no email typed).
+    let passkey = browser.report().await;
+    assert_eq!(
+        shown(&passkey, "passkey", &page_url),
+        ("success", "You are signed in with your passkey."),
+        "{passkey}"
+    );
+    assert_eq!(
+        passkey["api_requests"],
+        json!([
+            "POST /v1/auth/passkey/options",
+            "POST /v1/auth/passkey",
+            "GET /v1/users/me",
+            "GET /v1/users/me/passkeys"
+        ]),
+        "{passkey}"
+    );
+    assert_eq!(passkey["user_email"], email.as_str(), "{passkey}");
+    let listed = passkey["passkeys"][0].as_str().unwrap();
+    assert!(listed.starts_with("Test key") && listed.contains("last used"), "{passkey}");
+    // The token it got is the user's, and says how they signed in.
+    let access = passkey["access_token"].as_str().expect("the passkey login's access token").to_owned();
+    let me = app.get("/v1/users/me", Some(&access)).await;
+    assert_eq!(me.status(), StatusCode::OK);
+    assert_eq!(me.json::<Value>().await.unwrap()["email"], email.as_str());
+    assert_eq!(claims(&access)["amr"], json!(["hwk", "user", "mfa"]), "{}", claims(&access));
+    let mine = app.get("/v1/users/me/passkeys", Some(&access)).await.json::<Value>().await.unwrap();
+    assert_eq!(mine["passkeys"].as_array().map(Vec::len), Some(1), "{mine}");
+    assert_eq!(mine["passkeys"][0]["name"], "Test key", "{mine}");
+
+    // Signing out ends that session on the server too.
+    let out = browser.report().await;
+    assert_eq!(shown(&out, "signed_out", &page_url), ("success", "You are signed out."), "{out}");
+    assert_eq!(out["api_requests"], json!(["POST /v1/auth/logout"]), "{out}");
+    assert_problem(app.get("/v1/users/me", Some(&access)).await, StatusCode::UNAUTHORIZED, "token_revoked")
+        .await;
+
+    // The password alone now gets a second-factor step, which the passkey completes.
+    let second = browser.report().await;
+    let asked = &second["asked"];
+    assert_eq!(
+        shown(asked, "second_factor_asked", &page_url),
+        ("info", "Use your passkey to finish signing in."),
+        "{second}"
+    );
+    assert_eq!(asked["mfa_form"], true, "{second}");
+    assert_eq!(asked["api_requests"], json!(["POST /v1/auth/login"]), "{second}");
+    assert_eq!(
+        shown(&second, "second_factor", &page_url),
+        ("success", "You are signed in with two steps."),
+        "{second}"
+    );
+    assert_eq!(
+        second["api_requests"],
+        json!([
+            "POST /v1/auth/mfa/webauthn/options",
+            "POST /v1/auth/mfa",
+            "GET /v1/users/me",
+            "GET /v1/users/me/passkeys"
+        ]),
+        "{second}"
+    );
+    let access = second["access_token"].as_str().expect("the second factor's access token");
+    assert_eq!(app.get("/v1/users/me", Some(access)).await.status(), StatusCode::OK);
+    assert_eq!(claims(access)["amr"], json!(["pwd", "hwk", "mfa"]), "{}", claims(access));
+    browser.finish().await;
+}
+
+#[tokio::test]
+async fn the_passkeys_page_tells_the_user_what_each_answer_of_the_api_means() {
+    // The page in a real browser on localhost, the API stubbed inside it
+    // (passkeys_answers.mjs): each answer in turn.
+    let (_app, page_url) = spawn_on_localhost().await;
+    let mut browser = Driver::start("passkeys_answers.mjs", &[("PAGE_URL", &page_url)]);
+    let report = browser.report().await;
+    browser.finish().await;
+    assert_eq!(report["violations"], json!([]), "{report}");
+    let results = &report["results"];
+    let shown = |name: &str| {
+        let r = &results[name];
+        (
+            r["state"].as_str().unwrap_or("").to_owned(),
+            r["status"].as_str().unwrap_or("").to_owned(),
+            r.clone(),
+        )
+    };
+    let login = json!(["POST /v1/auth/login"]);
+
+    // A wrong password, a rate limit, no network: said, and the form stays.
+    let (state, text, r) = shown("invalid_credentials");
+    assert_eq!((state.as_str(), text.as_str()), ("error", "The email address or the password is not right."));
+    assert_eq!((&r["password_form"], &r["requests"]), (&json!(true), &login), "{r}");
+    let (_, text, r) = shown("rate_limited");
+    assert_eq!(text, "Too many attempts. Try again in a minute.", "{r}");
+    let (_, text, r) = shown("offline");
+    assert_eq!(text, "The server could not be reached. Check your connection and try again.", "{r}");
+    assert_eq!(r["password_form"], true, "{r}");
+
+    // A second factor with codes only: the code field, no passkey button.
+    let (state, text, r) = shown("mfa_required");
+    assert_eq!(
+        (state.as_str(), text.as_str()),
+        ("info", "Enter the code from your authenticator app, or one of your recovery codes."),
+        "{r}"
+    );
+    assert_eq!(
+        (&r["password_form"], &r["mfa_form"], &r["mfa_code"], &r["mfa_passkey"]),
+        (&json!(false), &json!(true), &json!(true), &json!(false)),
+        "{r}"
+    );
+    for name in ["invalid_mfa_code", "invalid_recovery_code"] {
+        let (state, text, r) = shown(name);
+        assert_eq!(state, "error", "{r}");
+        assert_eq!(
+            text,
+            "That was not accepted. Try again with the current code, or use another second factor."
+        );
+        assert_eq!((&r["mfa_form"], &r["requests"]), (&json!(true), &json!(["POST /v1/auth/mfa"])), "{r}");
+    }
+    // Six digits are a TOTP code (spaces dropped), anything else a recovery code; always
+    // with the ticket of the mfa_required answer.
+    let ticket = "ticket-never-checked";
+    assert_eq!(
+        report["mfa_bodies"],
+        json!([
+            {"mfa_token": ticket, "method": "totp", "code": "123456"},
+            {"mfa_token": ticket, "method": "recovery_code", "code": "abcd-efgh-jkmn"},
+            {"mfa_token": ticket, "method": "totp", "code": "654321"},
+        ]),
+        "{report}"
+    );
+    // A dead ticket: back to the password.
+    let (_, text, r) = shown("ticket_gone");
+    assert_eq!(text, "The sign-in took too long or was tried too often. Please sign in again.", "{r}");
+    assert_eq!((&r["password_form"], &r["mfa_form"]), (&json!(true), &json!(false)), "{r}");
+
+    // Passkeys off on the server; a prompt that ends with no passkey: nothing else sent.
+    let options = json!(["POST /v1/auth/passkey/options"]);
+    let (_, text, r) = shown("passkeys_off");
+    assert_eq!(
+        (text.as_str(), &r["requests"]),
+        ("Passkeys are not enabled on this server.", &options),
+        "{r}"
+    );
+    let (state, text, r) = shown("no_passkey");
+    assert_eq!(
+        (state.as_str(), text.as_str()),
+        ("error", "The passkey request was cancelled or timed out. Nothing was changed."),
+        "{r}"
+    );
+    assert_eq!(r["requests"], options, "{r}");
 }
