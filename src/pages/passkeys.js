@@ -37,6 +37,8 @@
   var none = $("no-passkeys");
   var addForm = $("add-form");
   var nameField = $("passkey-name");
+  var addPassword = $("add-password");
+  var addCode = $("add-code");
   var signOut = $("sign-out");
 
   var supported =
@@ -435,8 +437,18 @@
       nameField.focus();
       throw shown("Give the passkey a name, so you can tell it from others later.");
     }
-    return api("POST", "v1/users/me/passkeys/options", {}, accessToken)
+    var confirmWith = { current_password: addPassword.value };
+    if (addCode.value.trim() !== "") confirmWith.code = addCode.value.trim();
+    return api("POST", "v1/users/me/passkeys/options", confirmWith, accessToken)
       .then(function (answer) {
+        if (code(answer) === "wrong_password") {
+          addPassword.focus();
+          throw shown("That is not your current password.");
+        }
+        if (code(answer) === "invalid_mfa_code") {
+          addCode.focus();
+          throw shown("Enter the current code from your authenticator app, or one of your recovery codes.");
+        }
         if (answer.status !== 200 || !answer.body) throw shown(unexpected(answer));
         var challengeId = answer.body.challenge_id;
         say("Follow your browser's steps to create the passkey.", "busy");
@@ -452,6 +464,8 @@
       .then(function (answer) {
         if (answer.status === 201) {
           nameField.value = "";
+          addPassword.value = "";
+          addCode.value = "";
           return loadPasskeys().then(function () {
             say(
               "Your passkey \u201c" + name + "\u201d was added; your other sessions were signed out. Next time, sign in with it.",

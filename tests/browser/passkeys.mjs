@@ -78,6 +78,7 @@ await withPage(async (page, watch) => {
 
   await act(async () => {
     await page.getByLabel("Name of the new passkey").fill(passkeyName);
+    await page.getByLabel("Your current password").fill(password);
     await page.getByRole("button", { name: "Add a passkey" }).click();
   });
   const { credentials } = await cdp.send("WebAuthn.getCredentials", { authenticatorId });
