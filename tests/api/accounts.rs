@@ -61,7 +61,8 @@ impl Received {
     }
 }
 
-fn parse(raw: &[u8]) -> Received {
+/// A raw MIME message, decoded.
+pub fn parse(raw: &[u8]) -> Received {
     let mail = mailparse::parse_mail(raw).expect("a MIME message");
     let header = |name: &str| {
         mail.headers

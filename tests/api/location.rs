@@ -136,18 +136,8 @@ async fn sessions(app: &TestApp, path: &str, access: &str) -> Value {
 
 /// The text and HTML parts of a delivered message, decoded.
 fn parts(raw: &str) -> (String, String) {
-    let mail = mailparse::parse_mail(raw.as_bytes()).expect("a MIME message");
-    let (mut text, mut html) = (String::new(), String::new());
-    let mut todo = vec![&mail];
-    while let Some(part) = todo.pop() {
-        todo.extend(part.subparts.iter());
-        match part.ctype.mimetype.as_str() {
-            "text/plain" => text = part.get_body().expect("body"),
-            "text/html" => html = part.get_body().expect("body"),
-            _ => {}
-        }
-    }
-    (text, html)
+    let mail = crate::accounts::parse(raw.as_bytes());
+    (mail.text, mail.html)
 }
 
 async fn new_sign_in_mails(app: &TestApp) -> Vec<email_outbox::Model> {
