@@ -54,6 +54,14 @@ fn now(app: &TestApp) -> i64 {
     app.state.clock.now().timestamp()
 }
 
+/// Moves the server's clock to one second into a 30-second step, so that a test's codes
+/// and the server's checks fall in the steps the test means (real time would otherwise
+/// cross a step boundary now and then between computing a code and sending it).
+fn align(app: &TestApp) {
+    let into = now(app).rem_euclid(30);
+    app.clock.advance(Duration::from_secs(u64::try_from((31 - into) % 30).unwrap()));
+}
+
 fn claims(access: &str) -> Value {
     let payload = access.split('.').nth(1).unwrap();
     serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
@@ -89,6 +97,7 @@ async fn enrolled(app: &TestApp) -> (String, String, Vec<String>, Tokens) {
     let secret = body["secret"].as_str().unwrap().to_owned();
     let uri = body["otpauth_uri"].as_str().unwrap();
     assert!(uri.starts_with("otpauth://totp/") && uri.contains(&format!("secret={secret}")), "{uri}");
+    align(app);
     let code = pyotp(&secret, now(app));
     let (status, body) =
         post(app, "/v1/users/me/mfa/totp/confirm", Some(&tokens.access), json!({"code": code})).await;
@@ -136,13 +145,10 @@ async fn totp_turns_a_password_into_half_a_login(backend: Backend, store: Store)
     let (status, body) =
         post(&app, "/v1/users/me/mfa/totp/confirm", Some(&tokens.access), json!({"code": "000000"})).await;
     assert_eq!((status, &body["code"]), (StatusCode::UNAUTHORIZED, &json!("invalid_mfa_code")));
-    let (status, body) = post(
-        &app,
-        "/v1/users/me/mfa/totp/confirm",
-        Some(&tokens.access),
-        json!({"code": pyotp(&secret, now(&app))}),
-    )
-    .await;
+    align(&app);
+    let first = pyotp(&secret, now(&app));
+    let (status, body) =
+        post(&app, "/v1/users/me/mfa/totp/confirm", Some(&tokens.access), json!({"code": first})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["recovery_codes"].as_array().unwrap().len(), 10);
     // Enrolling ended the other sessions, not this one.
@@ -153,7 +159,7 @@ async fn totp_turns_a_password_into_half_a_login(backend: Backend, store: Store)
     assert_eq!(body["methods"], json!(["totp", "recovery_code"]));
     // The code of the confirmation was used: the next step's code is needed (accepted, as
     // one step of drift is).
-    let (status, _) = finish(&app, &body["mfa_token"], "totp", &pyotp(&secret, now(&app))).await;
+    let (status, _) = finish(&app, &body["mfa_token"], "totp", &first).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "a code is accepted once");
     let (status, signed) = finish(&app, &body["mfa_token"], "totp", &pyotp(&secret, now(&app) + 30)).await;
     assert_eq!(status, StatusCode::OK, "{signed}");
@@ -190,6 +196,7 @@ async fn codes_one_step_away_pass_two_steps_away_do_not_and_five_wrong_kill_the_
     let (email, secret, _, _) = enrolled(&app).await;
 
     app.clock.advance(Duration::from_secs(90));
+    align(&app);
     let body = ticket(&app, &email).await;
     let (status, _) = finish(&app, &body["mfa_token"], "totp", &pyotp(&secret, now(&app) - 60)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "two steps ago");
@@ -199,6 +206,7 @@ async fn codes_one_step_away_pass_two_steps_away_do_not_and_five_wrong_kill_the_
     assert_eq!(status, StatusCode::OK, "the previous step");
 
     app.clock.advance(Duration::from_secs(90));
+    align(&app);
     let body = ticket(&app, &email).await;
     let (status, _) = finish(&app, &body["mfa_token"], "totp", &pyotp(&secret, now(&app) + 30)).await;
     assert_eq!(status, StatusCode::OK, "the next step");
