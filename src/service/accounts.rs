@@ -375,15 +375,6 @@ pub async fn forgot_password(state: &AppState, email: &Email, client: &ClientInf
     after_floor(started, result).await
 }
 
-/// Tells the revocation store of sessions a committed change ended. SQL has them ended
-/// and a revocation job records it, so a store that does not answer only delays the
-/// store's copy (the reconciler finishes it); the change itself stands.
-async fn tell_store(state: &AppState, ended: sessions::Ended) {
-    if let Err(e) = sessions::finish(state, ended).await {
-        tracing::warn!(error = %e.detail, "the revocation store will learn of these ended sessions from the reconciler");
-    }
-}
-
 /// `POST /v1/auth/password/reset`: a new password for the link's account; every session
 /// of it ends. The link also proves the mailbox, so the address counts as verified.
 pub async fn reset_password(
@@ -424,7 +415,7 @@ pub async fn reset_password(
     let ended = sessions::end_in(&txn, &Scope::AllOfUser(row.user_id), now).await?;
     state.outbox.enqueue(&txn, &Mail::PasswordChanged { to: address(&row.email)? }).await?;
     txn.commit().await?;
-    tell_store(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state.audit.record(AuditEvent::new("password_reset", "success", now).user(row.user_id).client(client));
     Ok(())
 }
@@ -485,7 +476,7 @@ pub async fn change_password(
         sessions::end_in(&txn, &Scope::AllOfUserExcept { user: user_id, keep: session_id }, now).await?;
     state.outbox.enqueue(&txn, &Mail::PasswordChanged { to: address(&owner.email)? }).await?;
     txn.commit().await?;
-    tell_store(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state.audit.record(AuditEvent::new("password_changed", "success", now).user(user_id).client(client));
     Ok(())
 }
@@ -572,7 +563,7 @@ pub async fn confirm_email(state: &AppState, presented: &str, client: &ClientInf
     };
     let ended = sessions::end_in(&txn, &scope, now).await?;
     txn.commit().await?;
-    tell_store(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state.audit.record(AuditEvent::new("email_changed", "success", now).user(row.user_id).client(client));
     Ok(())
 }

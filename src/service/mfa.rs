@@ -204,13 +204,7 @@ async fn new_recovery_codes(
 /// Sets `users.mfa_enabled` from the factors the user has now (a confirmed TOTP or a
 /// passkey), in the caller's transaction.
 pub async fn sync_flag(conn: &impl ConnectionTrait, user_id: Uuid) -> Result<bool, ApiError> {
-    let totp = totp_factor::Entity::find()
-        .filter(totp_factor::Column::UserId.eq(user_id))
-        .filter(totp_factor::Column::ConfirmedAt.is_not_null())
-        .count(conn)
-        .await?
-        > 0;
-    let enabled = totp || super::passkeys::has_passkeys(conn, user_id).await?;
+    let enabled = has_totp(conn, user_id).await? || super::passkeys::has_passkeys(conn, user_id).await?;
     user::Entity::update_many()
         .col_expr(user::Column::MfaEnabled, Expr::value(enabled))
         .filter(user::Column::Id.eq(user_id))
@@ -247,7 +241,7 @@ pub async fn step_up(
         ));
     };
     charge_guess(state, account.id, client).await?;
-    if verify_code(state, account.id, code, client).await?.is_none() {
+    if !verify_code(state, account.id, code, client).await? {
         audit_failure(state, account.id, "step_up", client);
         return Err(invalid_code("The code is wrong, already used, or from another time."));
     }
@@ -269,29 +263,42 @@ fn audit_failure(state: &AppState, user_id: Uuid, step: &'static str, client: &C
 }
 
 /// A TOTP code, else a recovery code: which one passed, or `None`.
+/// A code from the user's confirmed TOTP factor (by compare-and-swap, see [`accept_totp`]).
+async fn try_totp(state: &AppState, user_id: Uuid, code: &str) -> Result<bool, ApiError> {
+    match factor(state, &state.db, user_id).await? {
+        Some((row, secret)) if row.confirmed_at.is_some() => {
+            accept_totp(state, &state.db, &row, secret, code).await
+        }
+        _ => Ok(false),
+    }
+}
+
+/// One of the user's unused recovery codes; its use is audited with how many are left.
+async fn try_recovery(
+    state: &AppState,
+    user_id: Uuid,
+    code: &str,
+    client: &ClientInfo,
+) -> Result<bool, ApiError> {
+    let now = state.clock.now();
+    let Some(left) = accept_recovery(&state.db, user_id, code, now).await? else { return Ok(false) };
+    state.audit.record(
+        AuditEvent::new("recovery_code_used", "success", now)
+            .user(user_id)
+            .client(client)
+            .detail(serde_json::json!({"remaining": left})),
+    );
+    Ok(true)
+}
+
+/// A TOTP code, else a recovery code: whether either passed.
 async fn verify_code(
     state: &AppState,
     user_id: Uuid,
     code: &str,
     client: &ClientInfo,
-) -> Result<Option<Method>, ApiError> {
-    if let Some((row, secret)) =
-        factor(state, &state.db, user_id).await?.filter(|(r, _)| r.confirmed_at.is_some())
-        && accept_totp(state, &state.db, &row, secret, code).await?
-    {
-        return Ok(Some(Method::Totp));
-    }
-    let now = state.clock.now();
-    if let Some(left) = accept_recovery(&state.db, user_id, code, now).await? {
-        state.audit.record(
-            AuditEvent::new("recovery_code_used", "success", now)
-                .user(user_id)
-                .client(client)
-                .detail(serde_json::json!({"remaining": left})),
-        );
-        return Ok(Some(Method::RecoveryCode));
-    }
-    Ok(None)
+) -> Result<bool, ApiError> {
+    Ok(try_totp(state, user_id, code).await? || try_recovery(state, user_id, code, client).await?)
 }
 
 /// What a ticket remembers: whose password was right, and from which device.
@@ -372,27 +379,8 @@ pub async fn complete(
     let (user_id, key) = ticket_user(state, mfa_token).await?;
     charge_guess(state, user_id, client).await?;
     let passed = match &proof {
-        Proof::Code(Method::Totp, code) => match factor(state, &state.db, user_id).await? {
-            Some((row, secret)) if row.confirmed_at.is_some() => {
-                accept_totp(state, &state.db, &row, secret, code).await?
-            }
-            _ => false,
-        },
-        Proof::Code(_, code) => {
-            let now = state.clock.now();
-            match accept_recovery(&state.db, user_id, code, now).await? {
-                Some(left) => {
-                    state.audit.record(
-                        AuditEvent::new("recovery_code_used", "success", now)
-                            .user(user_id)
-                            .client(client)
-                            .detail(serde_json::json!({"remaining": left})),
-                    );
-                    true
-                }
-                None => false,
-            }
-        }
+        Proof::Code(Method::Totp, code) => try_totp(state, user_id, code).await?,
+        Proof::Code(_, code) => try_recovery(state, user_id, code, client).await?,
         Proof::Passkey(credential) => {
             match super::passkeys::second_factor_finish(state, user_id, &key, credential.clone(), client)
                 .await
@@ -415,9 +403,8 @@ pub async fn complete(
     // Used once: of two requests that both passed, one gets the tokens.
     let raw = state.store.take(&key).await?.ok_or_else(ticket_gone)?;
     let ticket: Ticket = serde_json::from_str(&raw).map_err(|_| ticket_gone())?;
-    let (account, roles) = users::profiles(&state.db, vec![ticket.user_id])
+    let (account, roles) = users::profile_by_id(&state.db, ticket.user_id)
         .await?
-        .remove(&ticket.user_id)
         .filter(|(a, _)| a.disabled_at.is_none())
         .ok_or_else(auth::invalid_credentials)?;
     let amr = match proof {
@@ -486,12 +473,6 @@ async fn end_others(
     sessions::end_in(txn, &Scope::AllOfUserExcept { user: user_id, keep: session_id }, now).await
 }
 
-async fn finish_ending(state: &AppState, ended: sessions::Ended) {
-    if let Err(e) = sessions::finish(state, ended).await {
-        tracing::warn!(error = %e.detail, "the revocation store will learn of these ended sessions from the reconciler");
-    }
-}
-
 /// `POST /v1/users/me/mfa/totp/confirm`: a correct code turns the factor on; the ten
 /// recovery codes come back, once. The user's other sessions end.
 pub async fn confirm_totp(
@@ -524,7 +505,7 @@ pub async fn confirm_totp(
     sync_flag(&txn, user_id).await?;
     let ended = end_others(&txn, user_id, session_id, now).await?;
     txn.commit().await?;
-    finish_ending(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state.audit.record(
         AuditEvent::new("mfa_enrolled", "success", now)
             .user(user_id)
@@ -554,7 +535,7 @@ pub async fn remove_totp(
     sync_flag(&txn, user_id).await?;
     let ended = end_others(&txn, user_id, session_id, now).await?;
     txn.commit().await?;
-    finish_ending(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state.audit.record(
         AuditEvent::new("mfa_removed", "success", now)
             .user(user_id)
@@ -582,7 +563,7 @@ pub async fn regenerate_recovery_codes(
     let codes = new_recovery_codes(&txn, user_id, now).await?;
     let ended = end_others(&txn, user_id, session_id, now).await?;
     txn.commit().await?;
-    finish_ending(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state
         .audit
         .record(AuditEvent::new("recovery_codes_regenerated", "success", now).user(user_id).client(client));

@@ -274,7 +274,7 @@ pub async fn register(
     let ended =
         sessions::end_in(&txn, &Scope::AllOfUserExcept { user: user_id, keep: session_id }, now).await?;
     txn.commit().await?;
-    tell_store(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state.audit.record(
         AuditEvent::new("passkey_added", "success", now)
             .user(user_id)
@@ -313,7 +313,7 @@ pub async fn remove(
     let ended =
         sessions::end_in(&txn, &Scope::AllOfUserExcept { user: user_id, keep: session_id }, now).await?;
     txn.commit().await?;
-    tell_store(state, ended).await;
+    sessions::finish_or_defer(state, ended).await;
     state.audit.record(
         AuditEvent::new("passkey_removed", "success", now)
             .user(user_id)
@@ -588,12 +588,6 @@ fn valid_name(name: &str) -> Result<String, ApiError> {
 
 fn too_many() -> ApiError {
     ApiError::validation(format!("This account already has {MAX_PASSKEYS} passkeys: remove one first."))
-}
-
-async fn tell_store(state: &AppState, ended: sessions::Ended) {
-    if let Err(e) = sessions::finish(state, ended).await {
-        tracing::warn!(error = %e.detail, "the revocation store will learn of these ended sessions from the reconciler");
-    }
 }
 
 #[cfg(test)]

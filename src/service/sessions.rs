@@ -256,6 +256,15 @@ pub async fn finish(state: &AppState, ended: Ended) -> Result<Vec<Uuid>, ApiErro
     Ok(ended.into_iter().map(|(id, _)| id).collect())
 }
 
+/// [`finish`] for a change that already stands once committed (a password, email or factor
+/// change): SQL has the sessions ended and a revocation job records it, so a store that does
+/// not answer only delays the store's copy, which the reconciler finishes; logged, not raised.
+pub async fn finish_or_defer(state: &AppState, ended: Ended) {
+    if let Err(e) = finish(state, ended).await {
+        tracing::warn!(error = %e.detail, "the revocation store will learn of these ended sessions from the reconciler");
+    }
+}
+
 /// Tombstones for the sessions and revoked marks for the tokens, `BATCH` at a time.
 async fn tell_store(
     state: &AppState,

@@ -6,13 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use latchkey::store::entity::{audit_log, email_outbox, one_time_token, user};
 use reqwest::StatusCode;
 use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem, eventually};
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem, claims, eventually};
 use crate::mail::SmtpSink;
 
 const NEW_PASSWORD: &str = "a brand new passphrase for ada";
@@ -169,12 +168,6 @@ async fn login_ok(app: &TestApp, email: &str, password: &str) -> crate::helpers:
     let (status, body) = json_of(app.login(email, password).await).await;
     assert_eq!(status, StatusCode::OK, "login {email}: {body}");
     crate::helpers::Tokens::from(body)
-}
-
-fn claims(access: &str) -> Value {
-    let payload = access.split('.').nth(1).unwrap();
-    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
-        .unwrap()
 }
 
 async fn me(app: &TestApp, access: &str) -> Value {

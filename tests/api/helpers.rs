@@ -369,6 +369,14 @@ impl From<Value> for Tokens {
     }
 }
 
+/// An access token's claims, read without verifying it (the server checks it when it is used).
+pub fn claims(access: &str) -> Value {
+    use base64::Engine as _;
+    let payload = access.split('.').nth(1).expect("a JWT");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url");
+    serde_json::from_slice(&json).expect("JSON claims")
+}
+
 /// Asserts the one error shape and returns the body.
 pub async fn assert_problem(resp: Response, status: StatusCode, code: &str) -> Value {
     let got = resp.status();

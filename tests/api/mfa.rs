@@ -12,7 +12,7 @@ use sea_orm::EntityTrait as _;
 use serde_json::{Value, json};
 
 use crate::accounts::spawn;
-use crate::helpers::{Backend, PASSWORD, Store, TestApp, Tokens};
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, Tokens, claims};
 
 macro_rules! both {
     ($name:ident) => {
@@ -60,12 +60,6 @@ fn now(app: &TestApp) -> i64 {
 fn align(app: &TestApp) {
     let into = now(app).rem_euclid(30);
     app.clock.advance(Duration::from_secs(u64::try_from((31 - into) % 30).unwrap()));
-}
-
-fn claims(access: &str) -> Value {
-    let payload = access.split('.').nth(1).unwrap();
-    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
-        .unwrap()
 }
 
 async fn send(

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use crate::accounts::Mailbox;
-use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem, free_port};
+use crate::helpers::{Backend, PASSWORD, Store, TestApp, assert_problem, claims, free_port};
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
                    img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -465,14 +465,6 @@ async fn spawn_on_localhost() -> (TestApp, String) {
     let env = [("LISTEN_ADDR", listen.as_str()), ("JWT_ISSUER", origin.as_str()), ("PRODUCT_NAME", "Acme")];
     let app = TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &env).await;
     (app, format!("{origin}/account/passkeys"))
-}
-
-/// An access token's claims (unverified: the server checks the token when it is used).
-fn claims(access: &str) -> Value {
-    use base64::Engine as _;
-    let payload = access.split('.').nth(1).expect("a JWT");
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url");
-    serde_json::from_slice(&json).expect("JSON claims")
 }
 
 #[tokio::test]
