@@ -124,7 +124,9 @@ impl Instance {
     async fn terminate(&mut self) -> (ExitStatus, Duration) {
         let mut child = self.child.take().expect("a running instance");
         let started = Instant::now();
-        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        // The shell's own `kill`: no signal crate for one call, no `procps` needed in CI.
+        let sent =
+            Command::new("sh").arg("-c").arg(format!("kill -TERM {}", child.id())).status().expect("sh");
         assert!(sent.success(), "kill -TERM failed");
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -426,7 +428,7 @@ async fn worker(spread: Spread, email: String, stop: Arc<AtomicBool>) -> WorkerR
                 report.sessions.push(Session { tokens, unanswered_refresh: None });
             }
             _ => {
-                let path = if i % 2 == 0 { "/v1/auth/session" } else { "/v1/users/me" };
+                let path = if i.is_multiple_of(2) { "/v1/auth/session" } else { "/v1/users/me" };
                 if let Err(failure) = spread.bearer(path, &tokens.access).await {
                     report.failures.push(failure);
                 }
