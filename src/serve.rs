@@ -14,9 +14,31 @@
 //! read to tell HTTP/1 from HTTP/2 nor HTTP/2 itself. The watchdog here starts the clock
 //! at the connect and, later, at the first byte of each next request instead.
 //!
-//! Stopping is ours too: stop accepting (new connections are refused), ask every
-//! connection to finish gracefully (idle ones close at once, requests in flight finish,
-//! HTTP/2 clients get a GOAWAY), wait up to `SHUTDOWN_TIMEOUT`, then drop what is left.
+//! Stopping is ours too, and written for an instance behind a load balancer that other
+//! instances keep serving for: a client that moves on to the next instance when its
+//! connection is refused must see no failure. On the stop signal (SIGTERM):
+//!
+//! 1. From now on every HTTP/1 answer says `Connection: close`, and its connection closes
+//!    once it is written: the client learns from the answer itself not to reuse it.
+//! 2. Connections the kernel has already completed but the loop has not yet accepted are
+//!    accepted (non-blocking, until the backlog is empty): closing the listener would reset
+//!    them, after the client may have sent its request.
+//! 3. The listener closes: from here new connections are refused, which a client can always
+//!    retry elsewhere (the request never left it).
+//! 4. Requests in flight finish (and close their connection, 1.). An HTTP/2 connection gets
+//!    a GOAWAY at once: its client retries elsewhere what the server did not start.
+//! 5. An idle HTTP/1 keep-alive connection is *not* closed at once: a request may already be
+//!    on its way in it, and a client whose request meets a closed connection cannot tell
+//!    whether it was processed (hyper retries only requests it had not yet written; a POST
+//!    such as a refresh must not be retried blindly). It stays open and answers its next
+//!    request with `Connection: close`; only once it has been silent for `DRAIN_IDLE` (or
+//!    `HTTP_IDLE_TIMEOUT`, if shorter) is it closed — a client still holding it after that
+//!    long has, in practice, no request under way in it.
+//! 6. The instance returns when every connection has closed, or cuts off what is left at
+//!    `SHUTDOWN_TIMEOUT`.
+//!
+//! Behind a load balancer, a pause before SIGTERM (Kubernetes' `preStop`) lets the balancer
+//! stop sending new connections first; what still arrives is handled as above.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,12 +54,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use poem::endpoint::BoxEndpoint;
 use poem::http::uri::Scheme;
-use poem::http::{self, Version};
-use poem::listener::{Acceptor as _, TcpAcceptor};
+use poem::http::{self, HeaderValue, Version, header};
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint as _, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -54,27 +75,37 @@ pub struct Limits {
     pub shutdown_timeout: Duration,
 }
 
-/// Serves `endpoint` on `acceptor` until `stop` completes, then stops gracefully.
+/// How long an idle HTTP/1 connection is kept open once stopping has begun, for a request
+/// already on its way in it (step 5 of the module comment).
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
+
+/// Serves `endpoint` on `listener` until `stop` completes, then stops gracefully (see the
+/// module comment for the order of things).
 pub async fn serve(
-    mut acceptor: TcpAcceptor,
+    listener: TcpListener,
     endpoint: BoxEndpoint<'static, Response>,
     limits: Limits,
     stop: impl Future<Output = ()>,
 ) {
-    let endpoint = Arc::new(endpoint);
-    let builder = Arc::new(builder());
-    let (stopping, stopping_rx) = watch::channel(false);
+    let local = LocalAddr(match listener.local_addr() {
+        Ok(addr) => addr.into(),
+        Err(_) => poem::Addr::Custom("tcp", "".into()),
+    });
+    let server = Server {
+        local,
+        endpoint: Arc::new(endpoint),
+        builder: Arc::new(builder()),
+        limits,
+        stopping: watch::channel(false),
+    };
     let mut connections = JoinSet::new();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => break,
-            accepted = acceptor.accept() => match accepted {
-                Ok((io, local, remote, scheme)) => {
-                    let peer = Peer { local, remote, scheme };
-                    let connection =
-                        connection(io, peer, Arc::clone(&endpoint), Arc::clone(&builder), limits, stopping_rx.clone());
-                    connections.spawn(connection);
+            accepted = listener.accept() => match accepted {
+                Ok((io, remote)) => {
+                    connections.spawn(server.connection(io, remote));
                 }
                 Err(e) => {
                     // Out of file descriptors, most likely: don't spin on it.
@@ -91,8 +122,32 @@ pub async fn serve(
             }
         }
     }
-    drop(acceptor);
-    let _ = stopping.send(true);
+    // 1. Every answer from here on closes its connection.
+    let _ = server.stopping.0.send(true);
+    // 2. and 3. Take what the kernel has already accepted for us, then close the listener.
+    match listener.into_std() {
+        Ok(listener) => {
+            loop {
+                match listener.accept().and_then(|(io, remote)| {
+                    io.set_nonblocking(true)?;
+                    Ok((TcpStream::from_std(io)?, remote))
+                }) {
+                    Ok((io, remote)) => {
+                        connections.spawn(server.connection(io, remote));
+                    }
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            tracing::warn!(error = %e, "accepting a pending connection failed while stopping");
+                        }
+                        break;
+                    }
+                }
+            }
+            drop(listener);
+        }
+        Err(e) => tracing::warn!(error = %e, "taking the pending connections failed; closing the listener"),
+    }
+    // 4. to 6.
     let drained = tokio::time::timeout(limits.shutdown_timeout, async {
         while connections.join_next().await.is_some() {}
     })
@@ -103,6 +158,30 @@ pub async fn serve(
             "connections still busy after SHUTDOWN_TIMEOUT; closing them"
         );
         connections.shutdown().await;
+    }
+}
+
+/// What every connection shares.
+struct Server {
+    local: LocalAddr,
+    endpoint: Arc<BoxEndpoint<'static, Response>>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Limits,
+    stopping: (watch::Sender<bool>, watch::Receiver<bool>),
+}
+
+impl Server {
+    fn connection(&self, io: TcpStream, remote: std::net::SocketAddr) -> impl Future<Output = ()> + use<> {
+        let peer =
+            Peer { local: self.local.clone(), remote: RemoteAddr(remote.into()), scheme: Scheme::HTTP };
+        connection(
+            io,
+            peer,
+            Arc::clone(&self.endpoint),
+            Arc::clone(&self.builder),
+            self.limits,
+            self.stopping.1.clone(),
+        )
     }
 }
 
@@ -145,13 +224,21 @@ async fn connection(
     let remote = peer.remote.clone();
     let service = hyper::service::service_fn({
         let activity = Arc::clone(&activity);
+        let stopping = stopping.clone();
         move |req: http::Request<Incoming>| {
-            let (endpoint, peer) = (Arc::clone(&endpoint), peer.clone());
+            let (endpoint, peer, stopping) = (Arc::clone(&endpoint), peer.clone(), stopping.clone());
+            let http1 = matches!(req.version(), Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11);
             let in_flight = activity.request(req.version());
             async move {
                 let _in_flight = in_flight;
                 let req = poem::Request::from((req, peer.local, peer.remote, peer.scheme));
-                Ok::<_, Infallible>(http::Response::from(endpoint.get_response(req).await))
+                let mut resp = http::Response::from(endpoint.get_response(req).await);
+                // Stopping: hyper closes the connection once this answer is written, and the
+                // client knows from the answer not to send another request on it.
+                if http1 && *stopping.borrow() {
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
             }
         }
     });
@@ -165,12 +252,25 @@ async fn connection(
     };
     tracing::debug!(remote_addr = %remote, reason = ?end, "closing the connection");
     match end {
-        End::HeaderTimeout => {}
-        End::Idle | End::Stopping => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        End::HeaderTimeout => return,
+        End::Idle => {}
+        End::Stopping if activity.http2.load(SeqCst) => {}
+        End::Stopping => {
+            // HTTP/1: answers now say `Connection: close`; wait for this connection to close
+            // after one, or to be silent for `DRAIN_IDLE` (module comment, step 5).
+            let drain = Limits { idle_timeout: limits.idle_timeout.min(DRAIN_IDLE), ..limits };
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                end = activity.expired(drain) => if let End::HeaderTimeout = end {
+                    return;
+                },
+            }
         }
     }
+    // An idle HTTP/1 connection closes at once, a request in flight finishes first (and
+    // its answer says `Connection: close`); HTTP/2 gets a GOAWAY.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// What a connection's watchdog needs to know: times are milliseconds since the connect.

@@ -40,7 +40,7 @@ use crate::store::limits::{LimitStore, MemoryLimits, RedisLimits};
 use crate::store::revocation::{MemoryStore, RedisStore, RevocationStore};
 
 pub struct Application {
-    acceptor: TcpAcceptor,
+    listener: tokio::net::TcpListener,
     port: u16,
     metrics_listener: Option<(TcpAcceptor, u16)>,
     state: Arc<AppState>,
@@ -140,7 +140,10 @@ impl Application {
         };
         let hasher = PasswordHasher::start(config.password_hash_workers, config.password_hash_queue)?;
 
-        let (acceptor, port) = bind(config.listen_addr, "LISTEN_ADDR").await?;
+        let listener = tokio::net::TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
+        let port = listener.local_addr().context("reading the bound port")?.port();
         let metrics_listener = match config.metrics_addr {
             Some(addr) => Some(bind(addr, "METRICS_ADDR").await?),
             None => None,
@@ -178,7 +181,7 @@ impl Application {
         sessions::spawn_reconciler(Arc::downgrade(&state));
         crate::audit::spawn_pruner(Arc::downgrade(&state));
         spawn_key_refresher(Arc::downgrade(&state));
-        Ok(Self { acceptor, port, metrics_listener, state, audit_worker, mail_worker, pages })
+        Ok(Self { listener, port, metrics_listener, state, audit_worker, mail_worker, pages })
     }
 
     /// The metrics listener's port, when it is enabled.
@@ -236,7 +239,7 @@ impl Application {
             idle_timeout: self.state.config.http_idle_timeout,
             shutdown_timeout: timeout,
         };
-        crate::serve::serve(self.acceptor, app, limits, stopped(stop_rx)).await;
+        crate::serve::serve(self.listener, app, limits, stopped(stop_rx)).await;
         if let Some(server) = metrics_server {
             let _ = server.await;
         }

@@ -213,3 +213,33 @@ async fn stopping_cuts_off_what_is_still_running_after_the_shutdown_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(900), "stopped after {:?}", started.elapsed());
     assert!(in_flight.await.unwrap().is_err(), "the request was cut off");
 }
+
+/// A request already on its way in an idle keep-alive connection when stopping begins is
+/// answered, not cut off: the client cannot tell whether a request that meets a closed
+/// connection was processed (a refresh must not be sent twice). The answer says
+/// `Connection: close`, and the connection then closes; a new connection is refused.
+#[tokio::test]
+async fn stopping_answers_a_request_arriving_on_an_idle_keep_alive_connection() {
+    let mut app =
+        TestApp::spawn_with(Backend::Sqlite, Store::InProcess, &[("SHUTDOWN_TIMEOUT", "20s")]).await;
+    let stream = TcpStream::connect(app.host_port()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(sender.get("/health").await, StatusCode::OK);
+
+    let address = app.host_port().to_owned();
+    app.signal_stop();
+    // The request "on its way": sent a moment after the stop began.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(TcpStream::connect(&address).await.is_err(), "a new connection was accepted while stopping");
+    let req = Request::get("/health").header("host", "latchkey").body(String::new()).unwrap();
+    let resp = sender.send_request(req).await.expect("the request on the idle connection was answered");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    tokio::time::timeout(Duration::from_secs(2), conn)
+        .await
+        .expect("the connection closed after the answer")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), app.stop()).await.expect("stopped within 5 s");
+}

@@ -12,6 +12,7 @@ mod emails;
 mod example;
 mod flow;
 mod helpers;
+mod instances;
 mod kubernetes;
 mod limits;
 mod location;
