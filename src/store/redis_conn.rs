@@ -394,6 +394,16 @@ fn master_may_have_moved(e: &RedisError) -> bool {
         )
 }
 
+/// Errors after which one more try, on the master the sentinels name now, is worth it: the
+/// command was refused (`READONLY`), or the connection was found dead (the old master's,
+/// after a failover). Not a timeout: a slow master must fail the request fast. Every write
+/// the store sends is idempotent or harmless to repeat (a counter, at worst, counts twice).
+fn worth_one_more(e: &RedisError) -> bool {
+    e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.kind() == ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+}
+
 impl SentinelConn {
     fn current(&self) -> Option<(u64, MultiplexedConnection)> {
         self.0.current.read().ok().and_then(|c| c.clone())
@@ -467,8 +477,7 @@ impl ConnectionLike for SentinelConn {
             match answer {
                 Err(e) if master_may_have_moved(&e) => {
                     self.forget(generation);
-                    if e.kind() == ErrorKind::Server(redis::ServerErrorKind::ReadOnly) {
-                        // Refused, so not applied: once more, on the master the sentinels name now.
+                    if worth_one_more(&e) {
                         let (_, mut conn) = self.connection().await?;
                         return conn.req_packed_command(cmd).await;
                     }
@@ -487,7 +496,15 @@ impl ConnectionLike for SentinelConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let (generation, mut conn) = self.connection().await?;
-            let answer = conn.req_packed_commands(pipeline, offset, count).await;
+            let mut answer = conn.req_packed_commands(pipeline, offset, count).await;
+            if let Err(e) = &answer
+                && master_may_have_moved(e)
+                && worth_one_more(e)
+            {
+                self.forget(generation);
+                let (_, mut conn) = self.connection().await?;
+                answer = conn.req_packed_commands(pipeline, offset, count).await;
+            }
             let moved = match &answer {
                 Err(e) => master_may_have_moved(e),
                 // A pipeline's error replies come back as values.
