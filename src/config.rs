@@ -958,6 +958,29 @@ mod tests {
     }
 
     #[test]
+    fn redis_cluster_and_sentinel_settings_are_checked() {
+        let c = config(&[("REDIS_CLUSTER_NODES", "10.0.0.1:6379, redis-2:6380,redis://:pw@r3:6379")])
+            .expect("cluster");
+        assert_eq!(c.redis_cluster_nodes.as_ref().map(RedisNodes::len), Some(3));
+        assert!(!format!("{c:?}").contains("pw"), "no password in Debug");
+        for bad in ["nohost", "h:0", "h:99999", "h:1,,h:2", "http://h:1", ":6379"] {
+            let err = config(&[("REDIS_CLUSTER_NODES", bad)]).expect_err(bad);
+            assert_eq!(err.variable, "REDIS_CLUSTER_NODES", "{bad}: {err}");
+        }
+        let c =
+            config(&[("REDIS_SENTINEL_NODES", "s1:26379,s2:26379"), ("REDIS_SENTINEL_MASTER", "mymaster")])
+                .expect("sentinel");
+        assert_eq!(c.redis_sentinel.as_ref().map(|(n, m)| (n.len(), m.as_str())), Some((2, "mymaster")));
+        let err = config(&[("REDIS_SENTINEL_NODES", "s1:26379")]).expect_err("no master name");
+        assert_eq!(err.variable, "REDIS_SENTINEL_MASTER");
+        let err = config(&[("REDIS_SENTINEL_MASTER", "m")]).expect_err("no sentinels");
+        assert_eq!(err.variable, "REDIS_SENTINEL_NODES");
+        let err =
+            config(&[("REDIS_URL", "redis://r"), ("REDIS_CLUSTER_NODES", "h:1")]).expect_err("two modes");
+        assert!(err.to_string().contains("REDIS_CLUSTER_NODES"), "{err}");
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let c = config(&[("DATABASE_URL", "postgres://u:hunter2@db/x"), ("REDIS_URL", "redis://:pw123@r")])
             .expect("config");
