@@ -137,6 +137,68 @@ impl FromStr for Origin {
     }
 }
 
+/// Redis nodes given as a comma-separated list of `host:port` (or `redis://` / `rediss://`
+/// URLs, which may carry credentials): kept as connection URLs, never printed.
+#[derive(Clone)]
+pub struct RedisNodes(Vec<SecretString>);
+
+impl RedisNodes {
+    fn parse(variable: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        let mut nodes = Vec::new();
+        for (i, entry) in raw.split(',').map(str::trim).enumerate() {
+            let position = i + 1;
+            if entry.is_empty() {
+                return Err(invalid(variable, format!("entry {position} is empty (expected host:port,...)")));
+            }
+            let url = if entry.starts_with("redis://") || entry.starts_with("rediss://") {
+                entry.to_owned()
+            } else if entry.contains("://") {
+                return Err(invalid(
+                    variable,
+                    format!("entry {position}: expected host:port or a redis:// URL"),
+                ));
+            } else {
+                let (host, port) = entry.rsplit_once(':').ok_or_else(|| {
+                    invalid(variable, format!("entry {position} ({entry:?}) is not host:port"))
+                })?;
+                let host_ok = !host.is_empty() && !host.contains(['/', '@', ' ']);
+                let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+                if !host_ok || !port_ok {
+                    return Err(invalid(variable, format!("entry {position} ({entry:?}) is not host:port")));
+                }
+                format!("redis://{entry}")
+            };
+            // A URL's own check; its text may hold a password, so it is not repeated.
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|_| invalid(variable, format!("entry {position} is not a valid Redis address")))?;
+            if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..) | redis::ConnectionAddr::TcpTls { .. }) {
+                return Err(invalid(variable, format!("entry {position} is not a TCP address")));
+            }
+            nodes.push(SecretString::from(url));
+        }
+        Ok(Self(nodes))
+    }
+
+    /// The connection URLs (they may hold passwords: never log them).
+    pub fn urls(&self) -> Vec<String> {
+        self.0.iter().map(|u| u.expose_secret().to_owned()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for RedisNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisNodes({} nodes, redacted)", self.0.len())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -148,6 +210,10 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub database_url: SecretString,
     pub redis_url: Option<SecretString>,
+    /// `REDIS_CLUSTER_NODES`: seed nodes of a Redis Cluster (replaces `REDIS_URL`).
+    pub redis_cluster_nodes: Option<RedisNodes>,
+    /// `REDIS_SENTINEL_NODES` and `REDIS_SENTINEL_MASTER`: Redis behind Sentinel.
+    pub redis_sentinel: Option<(RedisNodes, String)>,
     pub redis_key_prefix: String,
     pub jwt_issuer: String,
     pub jwt_audience: String,
@@ -398,6 +464,32 @@ impl Config {
             listen_addr: env.parse("LISTEN_ADDR", "127.0.0.1:8080")?,
             database_url: SecretString::from(env.string("DATABASE_URL", "sqlite://latchkey.db?mode=rwc")),
             redis_url: env.optional("REDIS_URL").map(SecretString::from),
+            redis_cluster_nodes: env
+                .optional("REDIS_CLUSTER_NODES")
+                .map(|v| RedisNodes::parse("REDIS_CLUSTER_NODES", &v))
+                .transpose()?,
+            redis_sentinel: match (
+                env.optional("REDIS_SENTINEL_NODES"),
+                env.optional("REDIS_SENTINEL_MASTER"),
+            ) {
+                (None, None) => None,
+                (Some(nodes), Some(master)) => {
+                    Some((RedisNodes::parse("REDIS_SENTINEL_NODES", &nodes)?, master))
+                }
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "REDIS_SENTINEL_MASTER",
+                        "must be set with REDIS_SENTINEL_NODES (the master's name the sentinels monitor)"
+                            .into(),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "REDIS_SENTINEL_NODES",
+                        "must be set with REDIS_SENTINEL_MASTER (host:port of each sentinel)".into(),
+                    ));
+                }
+            },
             redis_key_prefix: env.string("REDIS_KEY_PREFIX", "latchkey:"),
             jwt_issuer: env.string("JWT_ISSUER", "http://localhost:8080"),
             jwt_audience: env.string("JWT_AUDIENCE", "latchkey"),
@@ -527,6 +619,15 @@ impl Config {
                 return Err(invalid("REDIS_URL", "must start with redis:// or rediss://".into()));
             }
             redis::Client::open(r).map_err(|_| invalid("REDIS_URL", "is not a valid Redis URL".into()))?;
+        }
+        let modes =
+            [self.redis_url.is_some(), self.redis_cluster_nodes.is_some(), self.redis_sentinel.is_some()];
+        if modes.iter().filter(|set| **set).count() > 1 {
+            return Err(invalid(
+                "REDIS_URL",
+                "set only one of REDIS_URL, REDIS_CLUSTER_NODES, or REDIS_SENTINEL_NODES with REDIS_SENTINEL_MASTER"
+                    .into(),
+            ));
         }
         url::Url::parse(&self.jwt_issuer)
             .map_err(|e| invalid("JWT_ISSUER", format!("must be a URL: {e}")))?;
@@ -854,6 +955,29 @@ mod tests {
             assert_eq!(err.variable, var, "{err}");
             assert!(err.to_string().contains(var));
         }
+    }
+
+    #[test]
+    fn redis_cluster_and_sentinel_settings_are_checked() {
+        let c = config(&[("REDIS_CLUSTER_NODES", "10.0.0.1:6379, redis-2:6380,redis://:pw@r3:6379")])
+            .expect("cluster");
+        assert_eq!(c.redis_cluster_nodes.as_ref().map(RedisNodes::len), Some(3));
+        assert!(!format!("{c:?}").contains("pw"), "no password in Debug");
+        for bad in ["nohost", "h:0", "h:99999", "h:1,,h:2", "http://h:1", ":6379"] {
+            let err = config(&[("REDIS_CLUSTER_NODES", bad)]).expect_err(bad);
+            assert_eq!(err.variable, "REDIS_CLUSTER_NODES", "{bad}: {err}");
+        }
+        let c =
+            config(&[("REDIS_SENTINEL_NODES", "s1:26379,s2:26379"), ("REDIS_SENTINEL_MASTER", "mymaster")])
+                .expect("sentinel");
+        assert_eq!(c.redis_sentinel.as_ref().map(|(n, m)| (n.len(), m.as_str())), Some((2, "mymaster")));
+        let err = config(&[("REDIS_SENTINEL_NODES", "s1:26379")]).expect_err("no master name");
+        assert_eq!(err.variable, "REDIS_SENTINEL_MASTER");
+        let err = config(&[("REDIS_SENTINEL_MASTER", "m")]).expect_err("no sentinels");
+        assert_eq!(err.variable, "REDIS_SENTINEL_NODES");
+        let err =
+            config(&[("REDIS_URL", "redis://r"), ("REDIS_CLUSTER_NODES", "h:1")]).expect_err("two modes");
+        assert!(err.to_string().contains("REDIS_CLUSTER_NODES"), "{err}");
     }
 
     #[test]

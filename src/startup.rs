@@ -37,6 +37,7 @@ use crate::store::batch::Batcher;
 use crate::store::db;
 use crate::store::held::Held;
 use crate::store::limits::{LimitStore, MemoryLimits, RedisLimits};
+use crate::store::redis_conn::{RedisConn, Timeouts};
 use crate::store::revocation::{MemoryStore, RedisStore, RevocationStore};
 
 pub struct Application {
@@ -70,6 +71,33 @@ fn profile_reads(config: &Config, db: &DatabaseConnection, metrics: &Arc<Metrics
             answer.map_err(|e| ApiError::from(DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))))
         }
     })
+}
+
+/// The Redis connections the configuration names (`REDIS_URL`, `REDIS_CLUSTER_NODES`, or
+/// `REDIS_SENTINEL_NODES` + `REDIS_SENTINEL_MASTER`; config allows one), not connected yet:
+/// one for reads and plain writes, and with Cluster or Sentinel a second one for the writes
+/// that wait for a replica (`WAIT` blocks its connection; reads must not queue behind it).
+/// `None`: the in-process store.
+fn redis_connection(config: &Config) -> anyhow::Result<Option<(RedisConn, RedisConn, Timeouts)>> {
+    let timeouts =
+        Timeouts { connect: config.redis_connect_timeout, response: config.redis_response_timeout };
+    let (conn, durable) = if let Some(url) = &config.redis_url {
+        tracing::info!("revocation store and rate limits: Redis");
+        let conn = RedisConn::single(url.expose_secret(), timeouts).context("REDIS_URL")?;
+        (conn.clone(), conn)
+    } else if let Some(nodes) = &config.redis_cluster_nodes {
+        tracing::info!(seed_nodes = nodes.len(), "revocation store and rate limits: Redis Cluster");
+        let connect = || RedisConn::cluster(&nodes.urls(), timeouts).context("REDIS_CLUSTER_NODES");
+        (connect()?, connect()?)
+    } else if let Some((sentinels, master)) = &config.redis_sentinel {
+        tracing::info!(sentinels = sentinels.len(), %master, "revocation store and rate limits: Redis behind Sentinel");
+        let connect =
+            || RedisConn::sentinel(&sentinels.urls(), master, timeouts).context("REDIS_SENTINEL_NODES");
+        (connect()?, connect()?)
+    } else {
+        return Ok(None);
+    };
+    Ok(Some((conn, durable, timeouts)))
 }
 
 impl Application {
@@ -108,36 +136,31 @@ impl Application {
             .context("loading the device-token secret")?;
         let keys = KeyCache::new(ring, key_settings);
 
-        let (store, limits): (Arc<dyn RevocationStore>, Arc<dyn LimitStore>) = match &config.redis_url {
-            Some(url) => {
-                tracing::info!("revocation store and rate limits: Redis");
-                let redis = RedisStore::new(
-                    url.expose_secret(),
-                    &config.redis_key_prefix,
-                    config.redis_connect_timeout,
-                    config.redis_response_timeout,
-                )?;
-                let limits: Arc<dyn LimitStore> =
-                    Arc::new(RedisLimits::new(redis.connection(), &config.redis_key_prefix));
-                let store: Arc<dyn RevocationStore> = Arc::new(redis);
-                let timed = |dependency| (Arc::clone(&metrics), dependency);
-                let (m, d) = timed("redis");
-                (
-                    Arc::new(Timed { inner: store, metrics: m.clone(), dependency: d }),
-                    Arc::new(Timed { inner: limits, metrics: m, dependency: d }),
-                )
-            }
-            None => {
-                tracing::warn!(
-                    "REDIS_URL is not set: using the in-process revocation store and rate limits. \
+        let (store, limits): (Arc<dyn RevocationStore>, Arc<dyn LimitStore>) =
+            match redis_connection(&config)? {
+                Some((conn, durable, timeouts)) => {
+                    let redis = RedisStore::on(conn, durable, &config.redis_key_prefix, timeouts);
+                    let limits: Arc<dyn LimitStore> =
+                        Arc::new(RedisLimits::new(redis.connection(), &config.redis_key_prefix));
+                    let store: Arc<dyn RevocationStore> = Arc::new(redis);
+                    let timed = |dependency| (Arc::clone(&metrics), dependency);
+                    let (m, d) = timed("redis");
+                    (
+                        Arc::new(Timed { inner: store, metrics: m.clone(), dependency: d }),
+                        Arc::new(Timed { inner: limits, metrics: m, dependency: d }),
+                    )
+                }
+                None => {
+                    tracing::warn!(
+                        "REDIS_URL is not set: using the in-process revocation store and rate limits. \
                      Run a single instance only; a restart ends every session."
-                );
-                let memory = Arc::new(MemoryStore::new());
-                let limits = Arc::new(MemoryLimits::default());
-                spawn_sweeper(Arc::downgrade(&memory), Arc::downgrade(&limits), clock.clone());
-                (memory, limits)
-            }
-        };
+                    );
+                    let memory = Arc::new(MemoryStore::new());
+                    let limits = Arc::new(MemoryLimits::default());
+                    spawn_sweeper(Arc::downgrade(&memory), Arc::downgrade(&limits), clock.clone());
+                    (memory, limits)
+                }
+            };
         let hasher = PasswordHasher::start(config.password_hash_workers, config.password_hash_queue)?;
 
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

@@ -3,11 +3,11 @@
 //! operation does bounded work (`store::bounded`).
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 
 use crate::config::Rate;
 use crate::rate_limit::{Bucket, CooldownPolicy, Decision, period_ms};
 use crate::store::bounded::{Expiring, Full, Poisoned, Standing, Table};
+use crate::store::redis_conn::{Mode, RedisConn};
 use crate::store::revocation::StoreError;
 
 #[async_trait]
@@ -90,6 +90,16 @@ end
 const TAKE: &str =
     concat!(lua_take!(), "return take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))");
 
+// The cool-down check of `ADMIT_LOGIN` alone (a cluster's third step). KEYS: the account's
+// failure record. ARGV: now. Returns {check, retry_ms, failures} as `ADMIT_LOGIN` does.
+const COOLING: &str = r"
+local now = tonumber(ARGV[1])
+local f = redis.call('HMGET', KEYS[1], 'until', 'n')
+local cool_until = tonumber(f[1])
+if cool_until ~= nil and cool_until > now then return {3, cool_until - now, 0} end
+return {0, 0, tonumber(f[2]) or 0}
+";
+
 // KEYS: the address's bucket, the account's bucket, the account's failure record.
 // Returns {check, retry_ms, failures}: check 0 admits, 1 to 3 name the refusing check.
 const ADMIT_LOGIN: &str = concat!(
@@ -125,23 +135,61 @@ redis.call('PEXPIRE', KEYS[1], memory)
 return n
 ";
 
+/// Rate limits in Redis. Every script works on one key, except the login admission: its
+/// three keys (the address's bucket, the account's bucket, the account's failures) belong
+/// to different clients and accounts, so on a Redis Cluster they live in different hash
+/// slots (STACK trap 19). There the admission runs as three single-key steps in the same
+/// order, each only if the one before admitted, which keeps its rule: the first refusal
+/// ends it and a refused attempt spends nothing further. What the cluster gives up is the
+/// single round trip and the atomicity across the three: two concurrent attempts may
+/// interleave between steps, each still charged to both buckets exactly once.
+///
+/// Limiter writes do not wait for a replica: a failover may forget a few spent tokens or a
+/// failure count, which loosens a limit for one period and never locks anyone out.
 pub struct RedisLimits {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     take: redis::Script,
     admit_login: redis::Script,
+    cooling: redis::Script,
     fail: redis::Script,
 }
 
 impl RedisLimits {
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub fn new(conn: RedisConn, prefix: &str) -> Self {
         Self {
             conn,
             prefix: prefix.to_owned(),
             take: redis::Script::new(TAKE),
             admit_login: redis::Script::new(ADMIT_LOGIN),
+            cooling: redis::Script::new(COOLING),
             fail: redis::Script::new(FAIL),
         }
+    }
+
+    /// `admit_login` on a cluster: the three checks one key at a time.
+    async fn admit_login_by_slot(
+        &self,
+        login: &LoginBudgets<'_>,
+        now_ms: i64,
+    ) -> Result<Admission, StoreError> {
+        for (bucket, rate, by) in [
+            (login.ip_bucket, login.ip_rate, Refusal::IpBudget),
+            (login.account_bucket, login.account_rate, Refusal::AccountBudget),
+        ] {
+            if let Decision::Denied { retry_after_ms } = self.take(bucket, rate, now_ms).await? {
+                return Ok(Admission::Refused { by, retry_after_ms: retry_after_ms.max(1) });
+            }
+        }
+        let mut conn = self.conn.clone();
+        let answer: (i64, i64, i64) = self
+            .cooling
+            .key(self.cool_key(login.account))
+            .arg(now_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        admission(answer)
     }
 
     fn bucket_key(&self, bucket: &str) -> String {
@@ -155,6 +203,18 @@ impl RedisLimits {
 
 fn redis_err(e: redis::RedisError) -> StoreError {
     StoreError::new(e.to_string())
+}
+
+/// The admission scripts' answer: {check, retry_ms, failures}.
+fn admission((check, retry, failures): (i64, i64, i64)) -> Result<Admission, StoreError> {
+    let by = match check {
+        0 => return Ok(Admission::Admitted { failures: failures > 0 }),
+        1 => Refusal::IpBudget,
+        2 => Refusal::AccountBudget,
+        3 => Refusal::Cooldown,
+        other => return Err(StoreError::new(format!("login admission script answered {other}"))),
+    };
+    Ok(Admission::Refused { by, retry_after_ms: retry.unsigned_abs().max(1) })
 }
 
 #[async_trait]
@@ -194,8 +254,11 @@ impl LimitStore for RedisLimits {
     }
 
     async fn admit_login(&self, login: &LoginBudgets<'_>, now_ms: i64) -> Result<Admission, StoreError> {
+        if self.conn.mode() == Mode::Cluster {
+            return self.admit_login_by_slot(login, now_ms).await;
+        }
         let mut conn = self.conn.clone();
-        let (check, retry, failures): (i64, i64, i64) = self
+        let answer: (i64, i64, i64) = self
             .admit_login
             .key(self.bucket_key(login.ip_bucket))
             .key(self.bucket_key(login.account_bucket))
@@ -208,14 +271,7 @@ impl LimitStore for RedisLimits {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
-        let by = match check {
-            0 => return Ok(Admission::Admitted { failures: failures > 0 }),
-            1 => Refusal::IpBudget,
-            2 => Refusal::AccountBudget,
-            3 => Refusal::Cooldown,
-            other => return Err(StoreError::new(format!("login admission script answered {other}"))),
-        };
-        Ok(Admission::Refused { by, retry_after_ms: retry.unsigned_abs().max(1) })
+        admission(answer)
     }
 
     async fn record_failure(

@@ -6,4 +6,5 @@ pub mod db;
 pub mod entity;
 pub mod held;
 pub mod limits;
+pub mod redis_conn;
 pub mod revocation;

@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use uuid::Uuid;
 
 use crate::store::batch::Batcher;
+use crate::store::redis_conn::{Mode, RedisConn, Timeouts};
 
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("store unavailable: {0}")]
@@ -220,44 +221,102 @@ end
 return 1
 ";
 
+/// On a cluster, the session's half of an activation (its record and tombstone share the
+/// session's hash slot): nothing if the session has ended.
+/// KEYS: session record, tombstone. ARGV: record, TTL in ms.
+const ACTIVATE_SESSION: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// On a cluster, one refresh token's state (its key has a slot of its own), forward only:
+/// only an absent or live state is overwritten. KEYS: the token. ARGV: state, TTL in ms.
+const ADVANCE_TOKEN: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if not cur or string.sub(cur, 1, 1) == 'L' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+";
+
+/// Cluster pipelines (one per hash slot) in flight at once for one `end`.
+const END_CONCURRENCY: usize = 32;
+
 /// Redis keys: `{prefix}s:{<session>}` (the record), `{prefix}e:{<session>}` (the
 /// tombstone: the braces make both one hash slot) and `{prefix}rt:<token hash>`.
+///
+/// **On a Redis Cluster** (STACK trap 19: a script's or a transaction's keys must share a
+/// slot) the work is split by slot. A session's record and tombstone share the session's
+/// tag, so activation's tombstone check and record write stay one atomic script, and ending
+/// stays one `MULTI` per session. A refresh token's state is looked up by its hash alone, so
+/// it cannot share the session's slot: its writes are separate, forward-only single-key
+/// scripts, sent concurrently with the session's. That gives up nothing that matters:
+///
+/// - A token state written `Live` for a session that ended meanwhile (its activation's
+///   session script found the tombstone) is never believed on its own. The refresh path
+///   rotates a `Live` token only through SQL's compare-and-swap (`UPDATE refresh_tokens …
+///   WHERE id = ? AND retired_at IS NULL AND revoked_at IS NULL`, rows affected checked,
+///   `service::auth::rotate`), and ending a session revokes its tokens in the same SQL
+///   transaction, so the swap refuses and the request is judged from SQL (ended);
+///   introspection also requires the session's record, which the tombstone keeps away.
+/// - A lost `Retired` mark reads `Live` or absent: the same compare-and-swap refuses a
+///   retired token, and SQL judges the reuse.
+///
+/// **Durability** (Cluster and Sentinel): every write of `activate` and `end` waits for a
+/// replica (`WAIT 1`, on the connection that wrote, see [`RedisConn::durable`]); if none
+/// confirms within half the response timeout the call fails (503 at the edge, and `end`'s
+/// revocation job stays for the reconciler). A logout that was answered is therefore on a
+/// replica when its master dies, so the promoted replica refuses the session, and a login
+/// or refresh that was answered is still live after the failover. A single server has no
+/// replica: no `WAIT`, and one script and one `MULTI` as always.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
+    /// Where the writes that wait for a replica go (Cluster, Sentinel): `WAIT` blocks the
+    /// connection it is sent on, and the bearer check's reads must not queue behind it.
+    durable: RedisConn,
     prefix: String,
     activate: redis::Script,
+    activate_session: redis::Script,
+    advance_token: redis::Script,
+    wait_ms: u64,
     /// The bearer check's lookups. One `GET` per request cost a `writev` and a Redis
-    /// command each, the largest part of a check's CPU after the HTTP exchange itself.
+    /// command each, the largest part of a check's CPU after the HTTP exchange itself. On a
+    /// cluster the `MGET` is split by slot ([`mget_by_slot`]).
     sessions: Batcher<Uuid, SessionRecord, StoreError>,
 }
 
 impl RedisStore {
-    /// Does not connect: the manager connects on first use and reconnects by itself, so
-    /// the server starts while Redis is down and heals when it returns. Call it within
-    /// the Tokio runtime: it starts the task that batches session lookups.
+    /// A store on one Redis server at `url`. Does not connect: the manager connects on first
+    /// use and reconnects by itself, so the server starts while Redis is down and heals
+    /// when it returns. Call it within the Tokio runtime: it starts the task that batches
+    /// session lookups.
     pub fn new(
         url: &str,
         prefix: &str,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(response_timeout))
-            // Fail a request fast while Redis is down; the next request tries again.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| StoreError(e.to_string()))?;
+        let timeouts = Timeouts { connect: connect_timeout, response: response_timeout };
+        let conn = RedisConn::single(url, timeouts).map_err(redis_err)?;
+        Ok(Self::on(conn.clone(), conn, prefix, timeouts))
+    }
+
+    /// A store on any [`RedisConn`] (single, cluster, sentinel), with `durable` (a second
+    /// connection to the same Redis) for the writes that wait for a replica. Within the
+    /// Tokio runtime.
+    pub fn on(conn: RedisConn, durable: RedisConn, prefix: &str, timeouts: Timeouts) -> Self {
         let sessions = {
             let (conn, prefix) = (conn.clone(), prefix.to_owned());
             Batcher::spawn(SESSION_BATCH, SESSION_READS_IN_FLIGHT, move |ids: Vec<Uuid>| {
                 let mut conn = conn.clone();
                 let keys: Vec<String> = ids.iter().map(|id| session_key(&prefix, *id)).collect();
                 async move {
-                    let raw: Vec<Option<String>> =
-                        redis::cmd("MGET").arg(&keys).query_async(&mut conn).await.map_err(redis_err)?;
+                    let raw: Vec<Option<String>> = if conn.mode() == Mode::Cluster {
+                        mget_by_slot(&conn, &keys).await?
+                    } else {
+                        redis::cmd("MGET").arg(&keys).query_async(&mut conn).await.map_err(redis_err)?
+                    };
                     Ok(ids
                         .into_iter()
                         .zip(raw)
@@ -266,11 +325,20 @@ impl RedisStore {
                 }
             })
         };
-        Ok(Self { conn, prefix: prefix.to_owned(), activate: redis::Script::new(ACTIVATE), sessions })
+        Self {
+            conn,
+            durable,
+            prefix: prefix.to_owned(),
+            activate: redis::Script::new(ACTIVATE),
+            activate_session: redis::Script::new(ACTIVATE_SESSION),
+            advance_token: redis::Script::new(ADVANCE_TOKEN),
+            wait_ms: timeouts.wait_ms(),
+            sessions,
+        }
     }
 
-    /// The shared multiplexed connection, for the rate limiter.
-    pub fn connection(&self) -> ConnectionManager {
+    /// The shared connection, for the rate limiter.
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -285,6 +353,109 @@ impl RedisStore {
     fn stash_key(&self, key: &str) -> String {
         format!("{}x:{key}", self.prefix)
     }
+
+    /// Adds the writes that end `sessions` and revoke `token_hashes` to `pipe`.
+    fn end_commands(&self, pipe: &mut redis::Pipeline, sessions: &[Ending], token_hashes: &[String]) {
+        for s in sessions {
+            // The tombstone first: from here on no activation can write the record.
+            if !s.ttl.is_zero() {
+                pipe.cmd("SET").arg(self.tombstone_key(s.session_id)).arg(1).arg("PX").arg(ttl_ms(s.ttl));
+            }
+            pipe.cmd("DEL").arg(session_key(&self.prefix, s.session_id));
+        }
+        for hash in token_hashes {
+            // Only entries that exist: a missing one already means "ask SQL".
+            pipe.cmd("SET").arg(self.token_key(hash)).arg("X").arg("XX").arg("KEEPTTL");
+        }
+    }
+
+    /// `activate` on a cluster: the session's script and each token's, concurrently, each
+    /// acknowledged by a replica.
+    async fn activate_by_slot(&self, a: &Activation) -> Result<Activated, StoreError> {
+        let ttl = ttl_ms(a.ttl);
+        let mut session = redis::pipe();
+        session.invoke_script(
+            self.activate_session
+                .key(session_key(&self.prefix, a.session_id))
+                .key(self.tombstone_key(a.session_id))
+                .arg(a.record.encode())
+                .arg(ttl),
+        );
+        let mut writes = vec![session];
+        let live = TokenState::Live(a.token).encode();
+        let retired = a.retired_hash.as_deref().map(|h| (h, TokenState::Retired.encode()));
+        for (hash, state) in std::iter::once((a.token_hash.as_str(), live)).chain(retired) {
+            let mut token = redis::pipe();
+            token.invoke_script(self.advance_token.key(self.token_key(hash)).arg(state).arg(ttl));
+            writes.push(token);
+        }
+        let scripts = [&self.activate_session, &self.advance_token];
+        let answers = futures_util::future::try_join_all(
+            writes.iter().map(|pipe| self.durable.durable(pipe, &scripts, self.wait_ms)),
+        )
+        .await
+        .map_err(redis_err)?;
+        let written = match answers.first().and_then(|replies| replies.first()) {
+            Some(reply) => redis::from_redis_value_ref::<i64>(reply).map_err(parse_err)?,
+            None => return Err(StoreError::new("the activation script did not answer")),
+        };
+        Ok(if written == 1 { Activated::Live } else { Activated::Ended })
+    }
+
+    /// `end` on a cluster: one transaction per session (its slot), one write per token,
+    /// concurrently, each acknowledged by a replica.
+    async fn end_by_slot(&self, sessions: &[Ending], token_hashes: &[String]) -> Result<(), StoreError> {
+        let per_session = sessions.iter().map(|s| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("MULTI");
+            self.end_commands(&mut pipe, std::slice::from_ref(s), &[]);
+            pipe.cmd("EXEC");
+            pipe
+        });
+        let per_token = token_hashes.iter().map(|h| {
+            let mut pipe = redis::pipe();
+            self.end_commands(&mut pipe, &[], std::slice::from_ref(h));
+            pipe
+        });
+        let pipes: Vec<redis::Pipeline> = per_session.chain(per_token).collect();
+        let writes: Vec<_> = pipes.iter().map(|pipe| self.durable.durable(pipe, &[], self.wait_ms)).collect();
+        futures_util::stream::iter(writes)
+            .buffer_unordered(END_CONCURRENCY)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            .map_err(redis_err)
+    }
+}
+
+/// `MGET` of keys in many slots, on a cluster: one `MGET` per slot, all sent at once, so
+/// the commands for one node leave together on its multiplexed connection (one round trip
+/// per node). Not the cluster client's own split: redis 1.8 answered a cross-slot `MGET`
+/// with "Mismatch in the number of multi-slot results" after a failover until restarted.
+async fn mget_by_slot(conn: &RedisConn, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+    let mut slots: HashMap<redis::cluster_routing::Slot, Vec<usize>> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        slots.entry(redis::cluster_routing::Slot::for_key(key)).or_default().push(i);
+    }
+    let reads = slots.into_values().map(|indices| {
+        let mut conn = conn.clone();
+        let mut mget = redis::cmd("MGET");
+        for i in &indices {
+            mget.arg(&keys[*i]);
+        }
+        async move {
+            let values: Vec<Option<String>> = mget.query_async(&mut conn).await.map_err(redis_err)?;
+            Ok::<_, StoreError>(indices.into_iter().zip(values))
+        }
+    });
+    let mut found = vec![None; keys.len()];
+    for part in futures_util::future::try_join_all(reads).await? {
+        for (i, value) in part {
+            if let Some(slot) = found.get_mut(i) {
+                *slot = value;
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn session_key(prefix: &str, id: Uuid) -> String {
@@ -292,6 +463,10 @@ fn session_key(prefix: &str, id: Uuid) -> String {
 }
 
 fn redis_err(e: redis::RedisError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+fn parse_err(e: redis::ParsingError) -> StoreError {
     StoreError(e.to_string())
 }
 
@@ -306,9 +481,7 @@ impl RevocationStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(redis_err)?;
-        Ok(())
+        self.conn.check().await.map_err(redis_err)
     }
 
     async fn session(&self, session_id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
@@ -316,7 +489,10 @@ impl RevocationStore for RedisStore {
     }
 
     async fn activate(&self, a: &Activation) -> Result<Activated, StoreError> {
-        let mut conn = self.conn.clone();
+        let mode = self.durable.mode();
+        if mode == Mode::Cluster {
+            return self.activate_by_slot(a).await;
+        }
         let mut call = self.activate.prepare_invoke();
         call.key(session_key(&self.prefix, a.session_id))
             .key(self.tombstone_key(a.session_id))
@@ -325,7 +501,19 @@ impl RevocationStore for RedisStore {
             call.key(self.token_key(old));
         }
         call.arg(a.record.encode()).arg(ttl_ms(a.ttl)).arg(TokenState::Live(a.token).encode());
-        let written: i64 = call.invoke_async(&mut conn).await.map_err(redis_err)?;
+        let written: i64 = if mode == Mode::Sentinel {
+            let mut pipe = redis::pipe();
+            pipe.invoke_script(&call);
+            let replies =
+                self.durable.durable(&pipe, &[&self.activate], self.wait_ms).await.map_err(redis_err)?;
+            match replies.first() {
+                Some(reply) => redis::from_redis_value_ref(reply).map_err(parse_err)?,
+                None => return Err(StoreError::new("the activation script did not answer")),
+            }
+        } else {
+            let mut conn = self.conn.clone();
+            call.invoke_async(&mut conn).await.map_err(redis_err)?
+        };
         Ok(if written == 1 { Activated::Live } else { Activated::Ended })
     }
 
@@ -333,26 +521,24 @@ impl RevocationStore for RedisStore {
         if sessions.is_empty() && token_hashes.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for s in sessions {
-            // The tombstone first: from here on no activation can write the record.
-            if !s.ttl.is_zero() {
-                pipe.cmd("SET")
-                    .arg(self.tombstone_key(s.session_id))
-                    .arg(1)
-                    .arg("PX")
-                    .arg(ttl_ms(s.ttl))
-                    .ignore();
+        match self.conn.mode() {
+            Mode::Cluster => self.end_by_slot(sessions, token_hashes).await,
+            Mode::Sentinel => {
+                // One node: one transaction, then `WAIT` on the same connection.
+                let mut pipe = redis::pipe();
+                pipe.cmd("MULTI");
+                self.end_commands(&mut pipe, sessions, token_hashes);
+                pipe.cmd("EXEC");
+                self.durable.durable(&pipe, &[], self.wait_ms).await.map(|_| ()).map_err(redis_err)
             }
-            pipe.cmd("DEL").arg(session_key(&self.prefix, s.session_id)).ignore();
+            Mode::Single => {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                self.end_commands(&mut pipe, sessions, token_hashes);
+                let mut conn = self.conn.clone();
+                pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
+            }
         }
-        for hash in token_hashes {
-            // Only entries that exist: a missing one already means "ask SQL".
-            pipe.cmd("SET").arg(self.token_key(hash)).arg("X").arg("XX").arg("KEEPTTL").ignore();
-        }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
     }
 
     async fn refresh_token(&self, token_hash: &str) -> Result<Option<TokenState>, StoreError> {

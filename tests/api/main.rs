@@ -25,6 +25,7 @@ mod pages;
 mod passkeys;
 mod passwords;
 mod readme;
+mod redis_scaleout;
 mod revocation;
 mod sessions;
 mod tokens;
