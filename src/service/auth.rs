@@ -621,6 +621,13 @@ async fn rotate(
     let sealed = token::seal_successor(presented, &new_token)?;
     let jti = Uuid::now_v7();
     let txn = state.db.begin().await?;
+    if txn.get_database_backend() == DbBackend::MySql {
+        // Session before token, the order in which ending sessions locks them: otherwise a
+        // logout and a refresh of one session each hold what the other waits for, and
+        // InnoDB ends one of them with a deadlock error (the child token's foreign key
+        // check also waits on the session row there).
+        session::Entity::find_by_id(parent.session_id).lock_exclusive().one(&txn).await?;
+    }
     // The compare-and-swap: exactly one caller retires this token and names its successor.
     // An ended session's tokens are revoked in the same transaction that ends it.
     let retired = refresh_token::Entity::update_many()

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait as _,
-    QueryFilter as _, QueryOrder as _, QuerySelect as _, QueryTrait as _, Set, TransactionTrait as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, QueryTrait, Set, TransactionTrait as _,
 };
 use uuid::Uuid;
 
@@ -92,6 +92,16 @@ pub async fn list_live(
                 .lt(c.last_used_at)
                 .or(session::Column::LastUsedAt.eq(c.last_used_at).and(session::Column::Id.lt(c.id))),
         );
+        if db.get_database_backend() == DbBackend::MySql {
+            // MariaDB costs the cursor's range like the user's whole index prefix and then
+            // reads from the newest session down, past every row before the cursor: each
+            // page would read all the pages before it. On the range, a page reads its own.
+            use sea_orm::sea_query::extension::mysql::{
+                IndexHintScope, IndexName, MySqlSelectStatementExt as _,
+            };
+            QueryTrait::query(&mut query)
+                .force_index(IndexName::new("idx_sessions_user_last_used"), IndexHintScope::All);
+        }
     }
     let mut rows = query
         .order_by_desc(session::Column::LastUsedAt)
