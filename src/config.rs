@@ -607,10 +607,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let db = self.database_url.expose_secret();
-        if !(db.starts_with("postgres://") || db.starts_with("postgresql://") || db.starts_with("sqlite:")) {
+        if !["postgres://", "postgresql://", "mysql://", "sqlite:"].iter().any(|s| db.starts_with(s)) {
             return Err(invalid(
                 "DATABASE_URL",
-                "must start with postgres://, postgresql:// or sqlite:".into(),
+                "must start with postgres://, postgresql://, mysql:// or sqlite:".into(),
             ));
         }
         if let Some(redis) = &self.redis_url {
@@ -910,6 +910,14 @@ mod tests {
     }
 
     #[test]
+    fn every_sql_backend_is_accepted() {
+        for url in ["postgres://u@db/x", "postgresql://u@db/x", "mysql://u@db/x", "sqlite::memory:"] {
+            let c = config(&[("DATABASE_URL", url)]).expect(url);
+            assert_eq!(c.uses_sqlite(), url.starts_with("sqlite:"));
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = config(&[]).expect("defaults");
         assert_eq!(c.listen_addr.to_string(), "127.0.0.1:8080");
@@ -939,7 +947,7 @@ mod tests {
             ("RATE_LIMIT_REFRESH_PER_IP", "0/1m"),
             ("TRUSTED_PROXIES", "10.0.0.0/33"),
             ("REDIS_URL", "http://x"),
-            ("DATABASE_URL", "mysql://x"),
+            ("DATABASE_URL", "mariadb://x"),
             ("JWT_ISSUER", "not a url"),
             ("LOG_FORMAT", "xml"),
             ("HTTP_HEADER_TIMEOUT", "0s"),

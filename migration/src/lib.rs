@@ -1,9 +1,12 @@
-//! Latchkey's schema, as sea-orm migrations that run the same on PostgreSQL and SQLite.
+//! Latchkey's schema, as sea-orm migrations that run the same on PostgreSQL, SQLite and
+//! MySQL/MariaDB (the few column types MySQL needs differently are in `portable`).
 //!
-//! The server applies pending migrations at start (under a PostgreSQL advisory lock, see
+//! The server applies pending migrations at start (under a start-up lock, see
 //! `latchkey::store::db`); `latchkey migrate up|down|status|fresh` drives them by hand.
 
 pub use sea_orm_migration::prelude::*;
+
+mod portable;
 
 mod m20261124_000001_initial;
 mod m20261124_000002_oauth_clients;

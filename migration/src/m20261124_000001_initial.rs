@@ -5,23 +5,27 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::portable::{Dialect, ForBackend as _};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let dialect = Dialect::of(manager).await?;
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(Users::Table)
                     .col(pk_uuid(Users::Id))
                     .col(string_uniq(Users::Email))
                     .col(string(Users::PasswordHash))
                     .col(boolean(Users::IsVerified).default(false))
-                    .col(timestamp_with_time_zone(Users::CreatedAt))
-                    .col(timestamp_with_time_zone(Users::UpdatedAt))
-                    .col(timestamp_with_time_zone_null(Users::LastLoginAt))
+                    .col(dialect.timestamp(Users::CreatedAt))
+                    .col(dialect.timestamp(Users::UpdatedAt))
+                    .col(dialect.timestamp_null(Users::LastLoginAt))
                     .to_owned(),
             )
             .await?;
@@ -29,10 +33,11 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(Roles::Table)
                     .col(pk_uuid(Roles::Id))
                     .col(string_uniq(Roles::Name))
-                    .col(timestamp_with_time_zone(Roles::CreatedAt))
+                    .col(dialect.timestamp(Roles::CreatedAt))
                     .to_owned(),
             )
             .await?;
@@ -40,10 +45,11 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(UserRoles::Table)
                     .col(uuid(UserRoles::UserId))
                     .col(uuid(UserRoles::RoleId))
-                    .col(timestamp_with_time_zone(UserRoles::CreatedAt))
+                    .col(dialect.timestamp(UserRoles::CreatedAt))
                     .primary_key(Index::create().col(UserRoles::UserId).col(UserRoles::RoleId))
                     .foreign_key(
                         ForeignKey::create()
@@ -66,16 +72,17 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(Sessions::Table)
                     .col(pk_uuid(Sessions::Id))
                     .col(uuid(Sessions::UserId))
                     .col(string_null(Sessions::UserAgent))
                     .col(string_null(Sessions::IpAddress))
                     .col(string_null(Sessions::LastUsedIp))
-                    .col(timestamp_with_time_zone(Sessions::CreatedAt))
-                    .col(timestamp_with_time_zone(Sessions::LastUsedAt))
-                    .col(timestamp_with_time_zone(Sessions::ExpiresAt))
-                    .col(timestamp_with_time_zone_null(Sessions::RevokedAt))
+                    .col(dialect.timestamp(Sessions::CreatedAt))
+                    .col(dialect.timestamp(Sessions::LastUsedAt))
+                    .col(dialect.timestamp(Sessions::ExpiresAt))
+                    .col(dialect.timestamp_null(Sessions::RevokedAt))
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_sessions_user")
@@ -108,16 +115,17 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(RefreshTokens::Table)
                     .col(pk_uuid(RefreshTokens::Id))
                     .col(uuid(RefreshTokens::SessionId))
                     .col(uuid(RefreshTokens::UserId))
                     .col(string_uniq(RefreshTokens::TokenHash))
                     .col(uuid_null(RefreshTokens::ParentId))
-                    .col(timestamp_with_time_zone(RefreshTokens::CreatedAt))
-                    .col(timestamp_with_time_zone(RefreshTokens::ExpiresAt))
-                    .col(timestamp_with_time_zone_null(RefreshTokens::RetiredAt))
-                    .col(timestamp_with_time_zone_null(RefreshTokens::RevokedAt))
+                    .col(dialect.timestamp(RefreshTokens::CreatedAt))
+                    .col(dialect.timestamp(RefreshTokens::ExpiresAt))
+                    .col(dialect.timestamp_null(RefreshTokens::RetiredAt))
+                    .col(dialect.timestamp_null(RefreshTokens::RevokedAt))
                     .col(string_null(RefreshTokens::UserAgent))
                     .col(string_null(RefreshTokens::IpAddress))
                     // The successor token, sealed under a key derived from this (parent)
@@ -162,6 +170,7 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(SigningKeys::Table)
                     .col(string(SigningKeys::Kid).primary_key())
                     .col(string(SigningKeys::Algorithm))
@@ -169,9 +178,9 @@ impl MigrationTrait for Migration {
                     .col(blob(SigningKeys::PrivateKey))
                     // NULL: stored in clear; otherwise the AEAD that seals it.
                     .col(string_null(SigningKeys::PrivateKeyEncryption))
-                    .col(timestamp_with_time_zone(SigningKeys::CreatedAt))
-                    .col(timestamp_with_time_zone(SigningKeys::ActivatesAt))
-                    .col(timestamp_with_time_zone_null(SigningKeys::RetiresAt))
+                    .col(dialect.timestamp(SigningKeys::CreatedAt))
+                    .col(dialect.timestamp(SigningKeys::ActivatesAt))
+                    .col(dialect.timestamp_null(SigningKeys::RetiresAt))
                     .to_owned(),
             )
             .await?;
@@ -179,6 +188,7 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(AuditLogs::Table)
                     .col(pk_uuid(AuditLogs::Id))
                     .col(uuid_null(AuditLogs::UserId))
@@ -186,7 +196,7 @@ impl MigrationTrait for Migration {
                     .col(string(AuditLogs::Outcome))
                     .col(string_null(AuditLogs::IpAddress))
                     .col(string_null(AuditLogs::UserAgent))
-                    .col(timestamp_with_time_zone(AuditLogs::CreatedAt))
+                    .col(dialect.timestamp(AuditLogs::CreatedAt))
                     .col(json_null(AuditLogs::Detail))
                     .to_owned(),
             )

@@ -6,22 +6,26 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::portable::{Dialect, ForBackend as _};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let dialect = Dialect::of(manager).await?;
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(RevocationJobs::Table)
                     .col(pk_uuid(RevocationJobs::Id))
                     // One of the two: every session of this user ended at or after
                     // `created_at`, or this one session.
                     .col(uuid_null(RevocationJobs::UserId))
                     .col(uuid_null(RevocationJobs::SessionId))
-                    .col(timestamp_with_time_zone(RevocationJobs::CreatedAt))
+                    .col(dialect.timestamp(RevocationJobs::CreatedAt))
                     .to_owned(),
             )
             .await?;

@@ -3,20 +3,24 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::portable::{Dialect, ForBackend as _};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let dialect = Dialect::of(manager).await?;
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(ServerSecrets::Table)
                     .col(string(ServerSecrets::Name).primary_key())
-                    .col(binary(ServerSecrets::Secret))
+                    .col(dialect.bytes(ServerSecrets::Secret))
                     .col(string_null(ServerSecrets::SecretEncryption))
-                    .col(timestamp_with_time_zone(ServerSecrets::CreatedAt))
+                    .col(dialect.timestamp(ServerSecrets::CreatedAt))
                     .to_owned(),
             )
             .await

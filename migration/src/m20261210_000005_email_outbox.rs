@@ -5,15 +5,19 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::portable::{Dialect, ForBackend as _};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let dialect = Dialect::of(manager).await?;
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(EmailOutbox::Table)
                     .col(pk_uuid(EmailOutbox::Id))
                     .col(string(EmailOutbox::Recipient))
@@ -24,11 +28,11 @@ impl MigrationTrait for Migration {
                     // queued | sending | sent | abandoned
                     .col(string(EmailOutbox::Status))
                     .col(integer(EmailOutbox::Attempts).default(0))
-                    .col(timestamp_with_time_zone(EmailOutbox::NextAttemptAt))
-                    .col(timestamp_with_time_zone_null(EmailOutbox::LeaseUntil))
+                    .col(dialect.timestamp(EmailOutbox::NextAttemptAt))
+                    .col(dialect.timestamp_null(EmailOutbox::LeaseUntil))
                     .col(text_null(EmailOutbox::LastError))
-                    .col(timestamp_with_time_zone(EmailOutbox::CreatedAt))
-                    .col(timestamp_with_time_zone_null(EmailOutbox::SentAt))
+                    .col(dialect.timestamp(EmailOutbox::CreatedAt))
+                    .col(dialect.timestamp_null(EmailOutbox::SentAt))
                     .to_owned(),
             )
             .await?;

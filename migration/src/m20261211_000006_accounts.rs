@@ -4,18 +4,21 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::portable::{Dialect, ForBackend as _};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let dialect = Dialect::of(manager).await?;
         // One column per statement: SQLite alters one column at a time.
         manager
             .alter_table(
                 Table::alter()
                     .table(Users::Table)
-                    .add_column(timestamp_with_time_zone_null(Users::EmailVerifiedAt))
+                    .add_column(dialect.timestamp_null(Users::EmailVerifiedAt))
                     .to_owned(),
             )
             .await?;
@@ -23,13 +26,14 @@ impl MigrationTrait for Migration {
             .alter_table(
                 Table::alter()
                     .table(Users::Table)
-                    .add_column(timestamp_with_time_zone_null(Users::DisabledAt))
+                    .add_column(dialect.timestamp_null(Users::DisabledAt))
                     .to_owned(),
             )
             .await?;
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(OneTimeTokens::Table)
                     .col(pk_uuid(OneTimeTokens::Id))
                     // verify_email | reset_password | confirm_email
@@ -41,9 +45,9 @@ impl MigrationTrait for Migration {
                     .col(string_len_uniq(OneTimeTokens::TokenHash, 64))
                     // confirm_email: the session that asked, which the change leaves signed in.
                     .col(uuid_null(OneTimeTokens::SessionId))
-                    .col(timestamp_with_time_zone(OneTimeTokens::CreatedAt))
-                    .col(timestamp_with_time_zone(OneTimeTokens::ExpiresAt))
-                    .col(timestamp_with_time_zone_null(OneTimeTokens::UsedAt))
+                    .col(dialect.timestamp(OneTimeTokens::CreatedAt))
+                    .col(dialect.timestamp(OneTimeTokens::ExpiresAt))
+                    .col(dialect.timestamp_null(OneTimeTokens::UsedAt))
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_one_time_tokens_user")

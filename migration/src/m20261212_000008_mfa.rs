@@ -5,12 +5,15 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::portable::{Dialect, ForBackend as _};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let dialect = Dialect::of(manager).await?;
         manager
             .alter_table(
                 Table::alter()
@@ -23,7 +26,7 @@ impl MigrationTrait for Migration {
             .alter_table(
                 Table::alter()
                     .table(Sessions::Table)
-                    .add_column(timestamp_with_time_zone_null(Sessions::AuthTime))
+                    .add_column(dialect.timestamp_null(Sessions::AuthTime))
                     .to_owned(),
             )
             .await?;
@@ -41,14 +44,15 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(TotpFactors::Table)
                     .col(uuid(TotpFactors::UserId).primary_key())
-                    .col(binary(TotpFactors::Secret))
+                    .col(dialect.bytes(TotpFactors::Secret))
                     // NULL: in the clear (no key-encryption key); else the sealing format.
                     .col(string_null(TotpFactors::SecretEncryption))
-                    .col(timestamp_with_time_zone_null(TotpFactors::ConfirmedAt))
+                    .col(dialect.timestamp_null(TotpFactors::ConfirmedAt))
                     .col(big_integer_null(TotpFactors::LastStep))
-                    .col(timestamp_with_time_zone(TotpFactors::CreatedAt))
+                    .col(dialect.timestamp(TotpFactors::CreatedAt))
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_totp_factors_user")
@@ -62,12 +66,13 @@ impl MigrationTrait for Migration {
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(RecoveryCodes::Table)
                     .col(pk_uuid(RecoveryCodes::Id))
                     .col(uuid(RecoveryCodes::UserId))
                     .col(string_len(RecoveryCodes::CodeHash, 64))
-                    .col(timestamp_with_time_zone_null(RecoveryCodes::UsedAt))
-                    .col(timestamp_with_time_zone(RecoveryCodes::CreatedAt))
+                    .col(dialect.timestamp_null(RecoveryCodes::UsedAt))
+                    .col(dialect.timestamp(RecoveryCodes::CreatedAt))
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_recovery_codes_user")

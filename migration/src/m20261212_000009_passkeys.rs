@@ -5,26 +5,30 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::portable::{Dialect, ForBackend as _};
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let dialect = Dialect::of(manager).await?;
         manager
             .create_table(
                 Table::create()
+                    .for_backend(&dialect)
                     .table(Passkeys::Table)
                     .col(pk_uuid(Passkeys::Id))
                     .col(uuid(Passkeys::UserId))
                     .col(string_len(Passkeys::Name, 64))
-                    .col(string_len_uniq(Passkeys::CredentialId, 1400))
+                    .col(dialect.ascii_uniq(Passkeys::CredentialId, 1400))
                     .col(text(Passkeys::Passkey))
                     .col(big_integer(Passkeys::SignCount).default(0))
                     .col(boolean(Passkeys::BackupEligible).default(false))
                     .col(boolean(Passkeys::BackupState).default(false))
-                    .col(timestamp_with_time_zone(Passkeys::CreatedAt))
-                    .col(timestamp_with_time_zone_null(Passkeys::LastUsedAt))
+                    .col(dialect.timestamp(Passkeys::CreatedAt))
+                    .col(dialect.timestamp_null(Passkeys::LastUsedAt))
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_passkeys_user")

@@ -16,9 +16,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use lettre::message::Mailbox;
 use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{LockBehavior, LockType};
 use sea_orm::{
-    ColumnTrait as _, DatabaseConnection, DbBackend, DbErr, EntityTrait as _, PaginatorTrait as _,
-    QueryFilter as _, QueryOrder as _, Statement,
+    ColumnTrait as _, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait as _,
+    PaginatorTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Statement,
+    TransactionTrait as _,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -159,38 +161,56 @@ async fn lease(ctx: &Ctx) -> Result<Option<email_outbox::Model>, DbErr> {
             );
             email_outbox::Entity::find().from_raw_sql(stmt).one(&ctx.db).await
         }
-        _ => {
-            // SQLite writes one at a time: the UPDATE that still finds the row as it was
-            // read owns it; a worker that loses the race finds it changed and takes nothing.
-            let Some(row) = email_outbox::Entity::find()
-                .filter(Column::Status.is_in([QUEUED, SENDING]))
-                .filter(Column::NextAttemptAt.lte(now))
-                .order_by_asc(Column::NextAttemptAt)
-                .one(&ctx.db)
-                .await?
-            else {
-                return Ok(None);
-            };
-            let attempts = row.attempts + 1;
-            let taken = email_outbox::Entity::update_many()
-                .col_expr(Column::Status, Expr::value(SENDING))
-                .col_expr(Column::Attempts, Expr::value(attempts))
-                .col_expr(Column::LeaseUntil, Expr::value(Some(until)))
-                .col_expr(Column::NextAttemptAt, Expr::value(until))
-                .filter(Column::Id.eq(row.id))
-                .filter(Column::Status.eq(row.status.clone()))
-                .filter(Column::Attempts.eq(row.attempts))
-                .exec(&ctx.db)
-                .await?;
-            Ok((taken.rows_affected == 1).then(|| email_outbox::Model {
-                status: SENDING.to_owned(),
-                attempts,
-                lease_until: Some(until),
-                next_attempt_at: until,
-                ..row
-            }))
+        DbBackend::MySql => {
+            // No UPDATE … RETURNING: in one transaction the SELECT locks the row (skipping
+            // one another worker holds), the UPDATE takes it, and the commit hands it over.
+            let txn = ctx.db.begin().await?;
+            let taken = take(&txn, now, until, true).await?;
+            txn.commit().await?;
+            Ok(taken)
         }
+        _ => take(&ctx.db, now, until, false).await,
     }
+}
+
+/// The first due row, read then taken by a compare-and-swap UPDATE: SQLite writes one at
+/// a time, so the UPDATE that still finds the row as it was read owns it; a worker that
+/// loses the race finds it changed and takes nothing. With `lock` (MySQL, in the caller's
+/// transaction) the read locks the row and skips rows other workers have locked.
+async fn take(
+    conn: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+    lock: bool,
+) -> Result<Option<email_outbox::Model>, DbErr> {
+    let mut due = email_outbox::Entity::find()
+        .filter(Column::Status.is_in([QUEUED, SENDING]))
+        .filter(Column::NextAttemptAt.lte(now))
+        .order_by_asc(Column::NextAttemptAt);
+    if lock {
+        due = due.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    }
+    let Some(row) = due.one(conn).await? else {
+        return Ok(None);
+    };
+    let attempts = row.attempts + 1;
+    let taken = email_outbox::Entity::update_many()
+        .col_expr(Column::Status, Expr::value(SENDING))
+        .col_expr(Column::Attempts, Expr::value(attempts))
+        .col_expr(Column::LeaseUntil, Expr::value(Some(until)))
+        .col_expr(Column::NextAttemptAt, Expr::value(until))
+        .filter(Column::Id.eq(row.id))
+        .filter(Column::Status.eq(row.status.clone()))
+        .filter(Column::Attempts.eq(row.attempts))
+        .exec(conn)
+        .await?;
+    Ok((taken.rows_affected == 1).then(|| email_outbox::Model {
+        status: SENDING.to_owned(),
+        attempts,
+        lease_until: Some(until),
+        next_attempt_at: until,
+        ..row
+    }))
 }
 
 /// The metrics label of a stored template name: one of a fixed set.

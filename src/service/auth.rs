@@ -621,6 +621,13 @@ async fn rotate(
     let sealed = token::seal_successor(presented, &new_token)?;
     let jti = Uuid::now_v7();
     let txn = state.db.begin().await?;
+    if txn.get_database_backend() == DbBackend::MySql {
+        // Session before token, the order in which ending sessions locks them: otherwise a
+        // logout and a refresh of one session each hold what the other waits for, and
+        // InnoDB ends one of them with a deadlock error (the child token's foreign key
+        // check also waits on the session row there).
+        session::Entity::find_by_id(parent.session_id).lock_exclusive().one(&txn).await?;
+    }
     // The compare-and-swap: exactly one caller retires this token and names its successor.
     // An ended session's tokens are revoked in the same transaction that ends it.
     let retired = refresh_token::Entity::update_many()
@@ -649,13 +656,21 @@ async fn rotate(
     .await?;
     // The session row comes back with the update: its authentication is the refreshed
     // token's (a refresh is not a new login).
-    let touched = session::Entity::update_many()
+    let touch = session::Entity::update_many()
         .col_expr(session::Column::LastUsedAt, Expr::value(now))
         .col_expr(session::Column::LastUsedIp, Expr::value(client.ip.map(|ip| ip.to_string())))
-        .filter(session::Column::Id.eq(parent.session_id))
-        .exec_with_returning(&txn)
-        .await?;
-    let session = touched.into_iter().next().ok_or_else(session_ended)?;
+        .filter(session::Column::Id.eq(parent.session_id));
+    let session = if txn.get_database_backend() == DbBackend::MySql {
+        // No UPDATE … RETURNING on MySQL: the UPDATE locks the row until the commit, so
+        // reading it back in this transaction sees exactly what the UPDATE left.
+        match touch.exec(&txn).await?.rows_affected {
+            1 => session::Entity::find_by_id(parent.session_id).one(&txn).await?,
+            _ => None,
+        }
+    } else {
+        touch.exec_with_returning(&txn).await?.into_iter().next()
+    };
+    let session = session.ok_or_else(session_ended)?;
     let claims = claims_of(&txn, parent.user_id, &session).await?.ok_or_else(session_ended)?;
     txn.commit().await?;
 

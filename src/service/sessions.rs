@@ -18,8 +18,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
-    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait, DbErr, EntityTrait as _, QueryFilter as _,
-    QueryOrder as _, QuerySelect as _, QueryTrait as _, Set, TransactionTrait as _,
+    ActiveModelTrait as _, ColumnTrait as _, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, QueryTrait, Set, TransactionTrait as _,
 };
 use uuid::Uuid;
 
@@ -92,6 +92,16 @@ pub async fn list_live(
                 .lt(c.last_used_at)
                 .or(session::Column::LastUsedAt.eq(c.last_used_at).and(session::Column::Id.lt(c.id))),
         );
+        if db.get_database_backend() == DbBackend::MySql {
+            // MariaDB costs the cursor's range like the user's whole index prefix and then
+            // reads from the newest session down, past every row before the cursor: each
+            // page would read all the pages before it. On the range, a page reads its own.
+            use sea_orm::sea_query::extension::mysql::{
+                IndexHintScope, IndexName, MySqlSelectStatementExt as _,
+            };
+            QueryTrait::query(&mut query)
+                .force_index(IndexName::new("idx_sessions_user_last_used"), IndexHintScope::All);
+        }
     }
     let mut rows = query
         .order_by_desc(session::Column::LastUsedAt)
@@ -167,49 +177,81 @@ pub async fn end_in(
     scope: &Scope,
     now: DateTime<Utc>,
 ) -> Result<Ended, ApiError> {
-    let sessions = session::Entity::update_many()
-        .col_expr(session::Column::RevokedAt, Expr::value(now))
-        .filter(session::Column::RevokedAt.is_null());
-    let tokens = refresh_token::Entity::update_many()
-        .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
-        .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(Option::<Vec<u8>>::None))
-        .filter(refresh_token::Column::RevokedAt.is_null());
     let (sessions, tokens, job_user, job_session) = match scope {
         Scope::One(id) => (
-            sessions.filter(session::Column::Id.eq(*id)),
-            tokens.filter(refresh_token::Column::SessionId.eq(*id)),
+            Condition::all().add(session::Column::Id.eq(*id)),
+            Condition::all().add(refresh_token::Column::SessionId.eq(*id)),
             None,
             Some(*id),
         ),
         Scope::AllOfUser(user) => (
-            sessions.filter(session::Column::UserId.eq(*user)),
-            tokens.filter(refresh_token::Column::UserId.eq(*user)),
+            Condition::all().add(session::Column::UserId.eq(*user)),
+            Condition::all().add(refresh_token::Column::UserId.eq(*user)),
             Some(*user),
             None,
         ),
         Scope::AllOfUserExcept { user, keep } => (
-            sessions.filter(session::Column::UserId.eq(*user)).filter(session::Column::Id.ne(*keep)),
-            tokens
-                .filter(refresh_token::Column::UserId.eq(*user))
-                .filter(refresh_token::Column::SessionId.ne(*keep)),
+            Condition::all().add(session::Column::UserId.eq(*user)).add(session::Column::Id.ne(*keep)),
+            Condition::all()
+                .add(refresh_token::Column::UserId.eq(*user))
+                .add(refresh_token::Column::SessionId.ne(*keep)),
             Some(*user),
             None,
         ),
         Scope::These { user, ids } => (
-            sessions.filter(session::Column::UserId.eq(*user)).filter(session::Column::Id.is_in(ids.clone())),
-            tokens
-                .filter(refresh_token::Column::UserId.eq(*user))
-                .filter(refresh_token::Column::SessionId.is_in(ids.clone())),
+            Condition::all()
+                .add(session::Column::UserId.eq(*user))
+                .add(session::Column::Id.is_in(ids.clone())),
+            Condition::all()
+                .add(refresh_token::Column::UserId.eq(*user))
+                .add(refresh_token::Column::SessionId.is_in(ids.clone())),
             Some(*user),
             None,
         ),
     };
-    let mut sessions = sessions.into_query();
-    sessions.returning(Query::returning().columns([session::Column::Id, session::Column::ExpiresAt]));
-    let mut tokens = tokens.into_query();
-    tokens.returning(Query::returning().column(refresh_token::Column::TokenHash));
+    let sessions = sessions.add(session::Column::RevokedAt.is_null());
+    let tokens = tokens.add(refresh_token::Column::RevokedAt.is_null());
     let job = Uuid::now_v7();
 
+    let (ended, hashes) = if txn.get_database_backend() == DbBackend::MySql {
+        end_locked(txn, sessions, tokens, now).await?
+    } else {
+        end_returning(txn, sessions, tokens, now).await?
+    };
+    if !ended.is_empty() {
+        revocation_job::ActiveModel {
+            id: Set(job),
+            user_id: Set(job_user),
+            session_id: Set(job_session),
+            created_at: Set(now),
+        }
+        .insert(txn)
+        .await?;
+    }
+    Ok(Ended { job, sessions: ended, hashes, now })
+}
+
+type EndedRows = (Vec<(Uuid, DateTime<Utc>)>, Vec<String>);
+
+/// [`end_in`] where UPDATE … RETURNING exists (PostgreSQL, SQLite): each statement ends
+/// the rows that are live when it runs and says which they were.
+async fn end_returning(
+    txn: &impl ConnectionTrait,
+    sessions: Condition,
+    tokens: Condition,
+    now: DateTime<Utc>,
+) -> Result<EndedRows, DbErr> {
+    let mut sessions = session::Entity::update_many()
+        .col_expr(session::Column::RevokedAt, Expr::value(now))
+        .filter(sessions)
+        .into_query();
+    sessions.returning(Query::returning().columns([session::Column::Id, session::Column::ExpiresAt]));
+    let mut tokens = refresh_token::Entity::update_many()
+        .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
+        .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(Option::<Vec<u8>>::None))
+        .filter(tokens)
+        .into_query();
+    tokens.returning(Query::returning().column(refresh_token::Column::TokenHash));
     let ended = txn
         .query_all(&sessions)
         .await?
@@ -222,17 +264,52 @@ pub async fn end_in(
         .iter()
         .map(|r| r.try_get::<String>("", "token_hash"))
         .collect::<Result<Vec<_>, _>>()?;
-    if !ended.is_empty() {
-        revocation_job::ActiveModel {
-            id: Set(job),
-            user_id: Set(job_user),
-            session_id: Set(job_session),
-            created_at: Set(now),
-        }
-        .insert(txn)
+    Ok((ended, hashes))
+}
+
+/// [`end_in`] on MySQL, which has no UPDATE … RETURNING: the live rows are read with
+/// `FOR UPDATE` (a locking read sees the newest committed row and holds it to the commit,
+/// as PostgreSQL's UPDATE does), then exactly those are updated by id. A racing end waits
+/// on the locks and then finds the rows ended; a row inserted meanwhile is not touched,
+/// as on PostgreSQL, where it would not be in the UPDATE's snapshot either.
+async fn end_locked(
+    txn: &impl ConnectionTrait,
+    sessions: Condition,
+    tokens: Condition,
+    now: DateTime<Utc>,
+) -> Result<EndedRows, DbErr> {
+    let ended: Vec<(Uuid, DateTime<Utc>)> = session::Entity::find()
+        .select_only()
+        .columns([session::Column::Id, session::Column::ExpiresAt])
+        .filter(sessions)
+        .lock_exclusive()
+        .into_tuple()
+        .all(txn)
         .await?;
+    for chunk in ended.chunks(BATCH) {
+        session::Entity::update_many()
+            .col_expr(session::Column::RevokedAt, Expr::value(now))
+            .filter(session::Column::Id.is_in(chunk.iter().map(|(id, _)| *id)))
+            .exec(txn)
+            .await?;
     }
-    Ok(Ended { job, sessions: ended, hashes, now })
+    let revoked: Vec<(Uuid, String)> = refresh_token::Entity::find()
+        .select_only()
+        .columns([refresh_token::Column::Id, refresh_token::Column::TokenHash])
+        .filter(tokens)
+        .lock_exclusive()
+        .into_tuple()
+        .all(txn)
+        .await?;
+    for chunk in revoked.chunks(BATCH) {
+        refresh_token::Entity::update_many()
+            .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
+            .col_expr(refresh_token::Column::SuccessorSealed, Expr::value(Option::<Vec<u8>>::None))
+            .filter(refresh_token::Column::Id.is_in(chunk.iter().map(|(id, _)| *id)))
+            .exec(txn)
+            .await?;
+    }
+    Ok((ended, revoked.into_iter().map(|(_, hash)| hash).collect()))
 }
 
 /// The store half of [`end`], after the commit of [`end_in`]'s transaction: tombstones

@@ -1,9 +1,9 @@
 //! The SQL pool and migrations.
 //!
-//! PostgreSQL in production, SQLite as the embedded default (WAL and a busy timeout, so
-//! concurrent writers wait instead of failing). Pending migrations are applied at start;
-//! on PostgreSQL under an advisory lock, so several instances starting at once apply them
-//! exactly once.
+//! PostgreSQL or MySQL/MariaDB in production, SQLite as the embedded default (WAL and a
+//! busy timeout, so concurrent writers wait instead of failing). Pending migrations are
+//! applied at start; on PostgreSQL under an advisory lock and on MySQL under a named lock
+//! (`GET_LOCK`), so several instances starting at once apply them exactly once.
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,6 +18,10 @@ use crate::config::Config;
 
 /// An arbitrary constant: the key of the advisory lock that serialises migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x6c61_7463_686b_6579; // "latchkey"
+
+/// How long an instance waits on MySQL for another one's migrations before giving up.
+/// PostgreSQL's advisory lock waits without limit; `GET_LOCK` needs one, so a generous one.
+const MYSQL_LOCK_WAIT: Duration = Duration::from_secs(600);
 
 /// Connections sit idle at most this long before the pool pings them on checkout.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
@@ -76,6 +80,27 @@ pub async fn connect_with(config: &Config, max: u32) -> Result<DatabaseConnectio
                 Ok(true)
             })
         })
+        .map_sqlx_mysql_before_acquire(|conn, _| {
+            Box::pin(async move {
+                if connections_suspect() {
+                    sea_orm::sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+        // MySQL's default isolation, REPEATABLE READ, reads every plain SELECT of a
+        // transaction from its first snapshot, and its locking reads take gap locks.
+        // The queries here were written for PostgreSQL's READ COMMITTED (each statement
+        // sees what was committed before it; a guarded UPDATE re-checks the newest row),
+        // so every MySQL session is set to that.
+        .map_sqlx_mysql_pool_opts(|o| {
+            o.after_connect(|conn, _| {
+                Box::pin(async move {
+                    use sea_orm::sqlx::Executor as _;
+                    conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED").await.map(|_| ())
+                })
+            })
+        })
         .map_sqlx_sqlite_opts(|o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
@@ -94,14 +119,14 @@ pub async fn ping(db: &DatabaseConnection, timeout: Duration) -> Result<(), Stri
     }
 }
 
-/// Runs `work` under the start-up lock: on PostgreSQL on a one-connection pool holding
-/// the advisory lock (released and closed whatever `work` returns); elsewhere on `db`.
+/// Runs `work` under the start-up lock: on PostgreSQL and MySQL on a one-connection pool
+/// holding the lock (released and closed whatever `work` returns); on SQLite on `db`.
 async fn with_startup_lock<T>(
     config: &Config,
     db: &DatabaseConnection,
     work: impl AsyncFnOnce(&DatabaseConnection) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    if db.get_database_backend() != DbBackend::Postgres {
+    if db.get_database_backend() == DbBackend::Sqlite {
         return work(db).await;
     }
     let conn = locked_connection(config).await?;
@@ -113,7 +138,7 @@ async fn with_startup_lock<T>(
     Ok(value)
 }
 
-/// Migrations and the first signing key, under one start-up lock on PostgreSQL so several
+/// Migrations and the first signing key, under one start-up lock on PostgreSQL and MySQL so several
 /// instances starting at once neither race on DDL nor each generate a "first" key.
 pub async fn migrate_and_prepare(
     config: &Config,
@@ -130,29 +155,61 @@ pub async fn migrate_and_prepare(
     .await
 }
 
-/// A one-connection pool holding the start-up advisory lock (a lock belongs to a session).
-async fn locked_connection(config: &Config) -> Result<DatabaseConnection, DbErr> {
+/// A one-connection pool holding the start-up lock (a lock belongs to a session; MySQL's
+/// named lock also outlives the implicit commits of DDL, which a transaction would not).
+async fn locked_connection(config: &Config) -> anyhow::Result<DatabaseConnection> {
     let conn = connect_with(config, 1).await?;
-    let lock = Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_advisory_lock($1)",
-        [MIGRATION_LOCK_KEY.into()],
-    );
-    conn.execute_raw(lock).await?;
+    match conn.get_database_backend() {
+        DbBackend::MySql => {
+            // Named locks are server-wide, advisory locks per database: the database's name
+            // in the lock's keeps databases on one server apart (names stop at 64 chars).
+            let lock = Statement::from_sql_and_values(
+                DbBackend::MySql,
+                "SELECT GET_LOCK(LEFT(CONCAT('latchkey_startup:', DATABASE()), 64), ?) AS got",
+                [MYSQL_LOCK_WAIT.as_secs().into()],
+            );
+            let got = conn.query_one_raw(lock).await?.map(|row| row.try_get::<Option<i64>>("", "got"));
+            match got.transpose()?.flatten() {
+                Some(1) => {}
+                _ => {
+                    let _ = conn.close().await;
+                    anyhow::bail!(
+                        "the start-up lock (MySQL GET_LOCK) was not granted within {} s: another \
+                         instance is still migrating, or holds the lock while stuck",
+                        MYSQL_LOCK_WAIT.as_secs()
+                    );
+                }
+            }
+        }
+        _ => {
+            let lock = Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_advisory_lock($1)",
+                [MIGRATION_LOCK_KEY.into()],
+            );
+            conn.execute_raw(lock).await?;
+        }
+    }
     Ok(conn)
 }
 
 async fn unlock(conn: &DatabaseConnection) -> Result<(), DbErr> {
-    let unlock = Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_advisory_unlock($1)",
-        [MIGRATION_LOCK_KEY.into()],
-    );
+    let unlock = match conn.get_database_backend() {
+        DbBackend::MySql => Statement::from_string(
+            DbBackend::MySql,
+            "SELECT RELEASE_LOCK(LEFT(CONCAT('latchkey_startup:', DATABASE()), 64))",
+        ),
+        _ => Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_unlock($1)",
+            [MIGRATION_LOCK_KEY.into()],
+        ),
+    };
     conn.execute_raw(unlock).await.map(|_| ())
 }
 
 /// Rotates the signing key when the newest one is older than `every`; under the start-up
-/// lock on PostgreSQL, so instances do not rotate twice.
+/// lock on PostgreSQL and MySQL, so instances do not rotate twice.
 pub async fn rotate_if_due(
     config: &Config,
     db: &DatabaseConnection,
