@@ -15,6 +15,7 @@ mod helpers;
 mod limits;
 mod location;
 mod mail;
+mod mariadb;
 mod mfa;
 mod openapi;
 mod ops;
