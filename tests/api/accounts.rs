@@ -25,6 +25,10 @@ macro_rules! both {
                 super::$name(Backend::Postgres, Store::Redis).await;
             }
             #[tokio::test]
+            async fn mariadb_redis() {
+                super::$name(Backend::MariaDb, Store::Redis).await;
+            }
+            #[tokio::test]
             async fn sqlite_in_process() {
                 super::$name(Backend::Sqlite, Store::InProcess).await;
             }
@@ -136,11 +140,11 @@ fn nth_written(mailbox: &Mailbox, to: &str, about: &str, n: usize) -> Received {
     files.into_iter().nth(n - 1).map(|(_, _, m)| m).unwrap()
 }
 
-/// An app with email verification `mode` and fast mail; the PostgreSQL one sends through
-/// a real SMTP server.
+/// An app with email verification `mode` and fast mail; the PostgreSQL and MariaDB ones send
+/// through a real SMTP server.
 pub async fn spawn(backend: Backend, store: Store, mode: &str, extra: &[(&str, &str)]) -> (TestApp, Mailbox) {
     let sink = match backend {
-        Backend::Postgres => Some(SmtpSink::start(&[]).await),
+        Backend::Postgres | Backend::MariaDb => Some(SmtpSink::start(&[]).await),
         Backend::Sqlite => None,
     };
     let url = sink.as_ref().map(SmtpSink::url);

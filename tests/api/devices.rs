@@ -20,6 +20,10 @@ macro_rules! both {
                 super::$name(TestApp::spawn_with(Backend::Postgres, Store::Redis, ENV).await).await;
             }
             #[tokio::test]
+            async fn mariadb_redis() {
+                super::$name(TestApp::spawn_with(Backend::MariaDb, Store::Redis, ENV).await).await;
+            }
+            #[tokio::test]
             async fn sqlite_in_process() {
                 super::$name(TestApp::spawn_with(Backend::Sqlite, Store::InProcess, ENV).await).await;
             }

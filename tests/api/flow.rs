@@ -99,6 +99,12 @@ async fn full_flow_on_postgres_and_redis() {
 }
 
 #[tokio::test]
+async fn full_flow_on_mariadb_and_redis() {
+    let app = TestApp::spawn(Backend::MariaDb, Store::Redis).await;
+    full_flow(&app).await;
+}
+
+#[tokio::test]
 async fn full_flow_on_sqlite_and_in_process_store() {
     let app = TestApp::spawn(Backend::Sqlite, Store::InProcess).await;
     full_flow(&app).await;
@@ -170,9 +176,18 @@ async fn with_the_in_process_store_a_restart_ends_sessions_but_keeps_keys() {
 
 #[tokio::test]
 async fn concurrent_starts_on_one_postgres_database_agree_on_schema_and_key() {
+    concurrent_starts_agree_on_schema_and_key(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn concurrent_starts_on_one_mariadb_database_agree_on_schema_and_key() {
+    concurrent_starts_agree_on_schema_and_key(Backend::MariaDb).await;
+}
+
+async fn concurrent_starts_agree_on_schema_and_key(backend: Backend) {
     // Three instances start at once on an empty database: they race to migrate and to
     // create the first signing key, and must end up with one schema and one key.
-    let fresh = crate::helpers::Resources::new(Backend::Postgres, &Store::InProcess).await;
+    let fresh = crate::helpers::Resources::new(backend, &Store::InProcess).await;
     let (a, b, c) = tokio::join!(
         TestApp::spawn_on(fresh.clone(), &[]),
         TestApp::spawn_on(fresh.clone(), &[]),

@@ -22,6 +22,8 @@ pub const PASSWORD: &str = "correct horse battery staple";
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// The machine's MariaDB (or MySQL), a fresh database per test.
+    MariaDb,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +39,10 @@ pub fn admin_pg_url() -> String {
     std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+pub fn admin_mysql_url() -> String {
+    std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
 fn shared_redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -45,6 +51,7 @@ fn shared_redis_url() -> String {
 pub struct Resources {
     pub database_url: String,
     pub pg_database: Option<String>,
+    pub mysql_database: Option<String>,
     pub redis_prefix: String,
     pub redis_url: Option<String>,
     _dir: tempfile::TempDir,
@@ -58,26 +65,31 @@ impl Resources {
 
     /// Resources on a database the test provides itself.
     pub fn on_database(database_url: String, store: &Store) -> Arc<Self> {
-        Self::build(database_url, None, store, tempfile::tempdir().expect("tempdir"))
+        Self::build(database_url, None, None, store, tempfile::tempdir().expect("tempdir"))
     }
 
     pub async fn new(backend: Backend, store: &Store) -> Arc<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (database_url, pg_database) = match backend {
+        let (database_url, pg_database, mysql_database) = match backend {
             Backend::Sqlite => {
-                (format!("sqlite://{}?mode=rwc", dir.path().join("latchkey.db").display()), None)
+                (format!("sqlite://{}?mode=rwc", dir.path().join("latchkey.db").display()), None, None)
             }
             Backend::Postgres => {
                 let name = fresh_pg_database().await;
-                (format!("{}/{name}", admin_pg_url()), Some(name))
+                (format!("{}/{name}", admin_pg_url()), Some(name), None)
+            }
+            Backend::MariaDb => {
+                let name = fresh_mysql_database().await;
+                (format!("{}/{name}", admin_mysql_url()), None, Some(name))
             }
         };
-        Self::build(database_url, pg_database, store, dir)
+        Self::build(database_url, pg_database, mysql_database, store, dir)
     }
 
     fn build(
         database_url: String,
         pg_database: Option<String>,
+        mysql_database: Option<String>,
         store: &Store,
         dir: tempfile::TempDir,
     ) -> Arc<Self> {
@@ -89,6 +101,7 @@ impl Resources {
         Arc::new(Self {
             database_url,
             pg_database,
+            mysql_database,
             redis_prefix: format!("lktest:{}:", uuid::Uuid::new_v4().simple()),
             redis_url,
             _dir: dir,
@@ -99,6 +112,7 @@ impl Resources {
 impl Drop for Resources {
     fn drop(&mut self) {
         let db = self.pg_database.take();
+        let mysql_db = self.mysql_database.take();
         let prefix = self.redis_prefix.clone();
         let redis_url = self.redis_url.clone();
         // Async clean-up from a synchronous Drop: a thread with a runtime of its own.
@@ -109,6 +123,9 @@ impl Drop for Resources {
             rt.block_on(async move {
                 if let Some(db) = db {
                     drop_pg_database(&db).await;
+                }
+                if let Some(db) = mysql_db {
+                    drop_mysql_database(&db).await;
                 }
                 if let Some(url) = redis_url {
                     delete_redis_prefix(&url, &prefix).await;
@@ -156,6 +173,61 @@ async fn drop_pg_database(name: &str) {
         let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
         let _ = admin.close().await;
     }
+}
+
+static SWEPT_MYSQL: AtomicBool = AtomicBool::new(false);
+
+/// [`fresh_pg_database`] on the MariaDB/MySQL server: `lk_test_<unix time>_<random>`,
+/// sweeping databases of runs that died more than an hour ago on the first call.
+async fn fresh_mysql_database() -> String {
+    let admin = Database::connect(admin_mysql_url()).await.expect("connect to MariaDB (TEST_MYSQL_URL)");
+    if !SWEPT_MYSQL.swap(true, Ordering::SeqCst) {
+        let cutoff = chrono::Utc::now().timestamp() - 3600;
+        let rows = admin
+            .query_all_raw(sea_orm::Statement::from_string(
+                admin.get_database_backend(),
+                "SELECT SCHEMA_NAME AS name FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'lk\\_test\\_%'",
+            ))
+            .await
+            .expect("list databases");
+        for row in rows {
+            let name: String = row.try_get("", "name").expect("name");
+            let ts = name.split('_').nth(2).and_then(|t| t.parse::<i64>().ok()).unwrap_or(0);
+            if ts < cutoff {
+                let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{name}`")).await;
+            }
+        }
+    }
+    let name = format!("lk_test_{}_{}", chrono::Utc::now().timestamp(), uuid::Uuid::new_v4().simple());
+    admin.execute_unprepared(&format!("CREATE DATABASE `{name}`")).await.expect("create database");
+    let _ = admin.close().await;
+    name
+}
+
+/// Drops the database after ending every connection still on it (PostgreSQL's `WITH
+/// (FORCE)`): a connection left inside a transaction holds a metadata lock that would
+/// make `DROP DATABASE` wait for it, and with it the test's end.
+async fn drop_mysql_database(name: &str) {
+    let Ok(admin) = Database::connect(admin_mysql_url()).await else {
+        return;
+    };
+    let backend = admin.get_database_backend();
+    let _ = admin.execute_unprepared("SET SESSION lock_wait_timeout = 10").await;
+    let ids = admin
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            "SELECT ID AS id FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
+            [name.into()],
+        ))
+        .await
+        .unwrap_or_default();
+    for row in ids {
+        if let Ok(id) = row.try_get::<u64>("", "id") {
+            let _ = admin.execute_unprepared(&format!("KILL {id}")).await;
+        }
+    }
+    let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{name}`")).await;
+    let _ = admin.close().await;
 }
 
 async fn delete_redis_prefix(url: &str, prefix: &str) {

@@ -32,6 +32,10 @@ macro_rules! both {
                 super::$name(TestApp::spawn_with(Backend::Postgres, Store::Redis, $env).await).await;
             }
             #[tokio::test]
+            async fn mariadb_redis() {
+                super::$name(TestApp::spawn_with(Backend::MariaDb, Store::Redis, $env).await).await;
+            }
+            #[tokio::test]
             async fn sqlite_in_process() {
                 super::$name(TestApp::spawn_with(Backend::Sqlite, Store::InProcess, $env).await).await;
             }

@@ -252,21 +252,29 @@ async fn a_permanent_refusal_abandons_the_mail_at_once() {
 
 #[tokio::test]
 async fn two_instances_on_one_postgres_drain_500_mails_and_send_none_twice() {
-    const MAILS: usize = 500;
+    two_instances_drain_mails_and_send_none_twice(Backend::Postgres, 500).await;
+}
+
+#[tokio::test]
+async fn two_instances_on_one_mariadb_drain_200_mails_and_send_none_twice() {
+    two_instances_drain_mails_and_send_none_twice(Backend::MariaDb, 200).await;
+}
+
+async fn two_instances_drain_mails_and_send_none_twice(backend: Backend, mails: usize) {
     let sink = SmtpSink::start(&[]).await;
     let url = sink.url();
-    let resources = Resources::new(Backend::Postgres, &Store::InProcess).await;
+    let resources = Resources::new(backend, &Store::InProcess).await;
     let settings = env(&[("SMTP_URL", &url), ("MAIL_WORKERS", "3")]);
     let first = TestApp::spawn_on(resources.clone(), &settings).await;
     let second = TestApp::spawn_on(resources, &settings).await;
     let mut ids = HashSet::new();
-    for n in 0..MAILS {
+    for n in 0..mails {
         let app = if n % 2 == 0 { &first } else { &second };
         ids.insert(enqueue(app, &verify_mail(app, n)).await);
     }
     assert!(
         eventually(Duration::from_secs(120), || async {
-            rows(&first).await.iter().filter(|r| r.status == "sent").count() == MAILS
+            rows(&first).await.iter().filter(|r| r.status == "sent").count() == mails
         })
         .await,
         "all sent"
@@ -277,8 +285,8 @@ async fn two_instances_on_one_postgres_drain_500_mails_and_send_none_twice() {
     let received: Vec<String> =
         messages.iter().map(|m| header(m, "Message-ID").expect("Message-ID").to_owned()).collect();
     let unique: HashSet<&String> = received.iter().collect();
-    assert_eq!(received.len(), MAILS, "none sent twice");
-    assert_eq!(unique.len(), MAILS);
+    assert_eq!(received.len(), mails, "none sent twice");
+    assert_eq!(unique.len(), mails);
     let expected: HashSet<String> = ids.iter().map(|id| format!("<{id}@localhost>")).collect();
     assert_eq!(unique.into_iter().cloned().collect::<HashSet<_>>(), expected);
     assert!(rows(&first).await.iter().all(|r| r.attempts == 1), "each leased once");

@@ -17,6 +17,7 @@ mod kubernetes;
 mod limits;
 mod location;
 mod mail;
+mod mariadb;
 mod mfa;
 mod openapi;
 mod ops;

@@ -23,6 +23,10 @@ macro_rules! both {
                 super::$name(Backend::Postgres, Store::Redis).await;
             }
             #[tokio::test]
+            async fn mariadb_redis() {
+                super::$name(Backend::MariaDb, Store::Redis).await;
+            }
+            #[tokio::test]
             async fn sqlite_in_process() {
                 super::$name(Backend::Sqlite, Store::InProcess).await;
             }

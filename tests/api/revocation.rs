@@ -37,6 +37,10 @@ macro_rules! both {
                 super::$name(TestApp::spawn_with(Backend::Postgres, Store::Redis, $env).await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mariadb_redis() {
+                super::$name(TestApp::spawn_with(Backend::MariaDb, Store::Redis, $env).await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite_in_process() {
                 super::$name(TestApp::spawn_with(Backend::Sqlite, Store::InProcess, $env).await).await;
             }

@@ -23,6 +23,10 @@ macro_rules! both {
                 super::$name(TestApp::spawn(Backend::Postgres, Store::Redis).await).await;
             }
             #[tokio::test]
+            async fn mariadb_redis() {
+                super::$name(TestApp::spawn(Backend::MariaDb, Store::Redis).await).await;
+            }
+            #[tokio::test]
             async fn sqlite_in_process() {
                 super::$name(TestApp::spawn(Backend::Sqlite, Store::InProcess).await).await;
             }
