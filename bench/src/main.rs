@@ -8,8 +8,11 @@
 //!
 //! `--smoke` runs every scenario for a fraction of a second (CI); `--server PATH` uses a
 //! server binary already built; `--seconds N` sets each scenario's length; `--limiter-only`
-//! runs scenario 7 (the in-process limiter holding 200,000 keys) alone.
+//! runs scenario 7 (the in-process limiter holding 200,000 keys) alone; `--scale-only` runs
+//! scenario 8 (one, then three instances, and each operation's cost: see `scale.rs`) alone.
 #![allow(clippy::print_stdout)]
+
+mod scale;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -58,6 +61,15 @@ struct Opts {
     /// Redis needed).
     #[arg(long)]
     limiter_only: bool,
+    /// Run only scenario 8: one instance, then three sharing PostgreSQL and a Redis of the
+    /// bench's own, and what each operation costs.
+    #[arg(long)]
+    scale_only: bool,
+    /// Scenario 8's Redis: a Redis Cluster of 3 masters + 3 replicas (REDIS_CLUSTER_NODES),
+    /// one redis-server (REDIS_URL), or auto: the cluster if the server reads
+    /// REDIS_CLUSTER_NODES, else one redis-server (the output says which).
+    #[arg(long, value_enum, default_value = "auto")]
+    scale_redis: scale::RedisMode,
 }
 
 fn parse_opts() -> Opts {
@@ -141,6 +153,16 @@ impl Server {
     fn stop(mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
+    }
+}
+
+/// A server left running by an error is killed.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -234,12 +256,24 @@ impl Stats {
 
 /// Keeps `conns` keep-alive connections busy for `secs`, one request at a time each.
 async fn drive(name: &str, addr: SocketAddr, conns: usize, secs: f64, work: Work) -> anyhow::Result<Stats> {
+    drive_on(name, &[addr], conns, secs, work).await
+}
+
+/// [`drive`] spread over several servers: connection `c` talks to `addrs[c % addrs.len()]`.
+async fn drive_on(
+    name: &str,
+    addrs: &[SocketAddr],
+    conns: usize,
+    secs: f64,
+    work: Work,
+) -> anyhow::Result<Stats> {
     eprintln!("running: {name}");
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..conns {
         let (stop, work) = (Arc::clone(&stop), work.clone());
+        let addr = addrs[c % addrs.len()];
         tasks.push(tokio::spawn(async move { connection(addr, c, conns, work, stop).await }));
     }
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
@@ -794,6 +828,21 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if opts.scale_only {
+        let result = scale::scenario(&opts, &bin, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let run = result?;
+        run.print();
+        write_json(
+            &json!({"when": chrono::Utc::now().to_rfc3339(), "smoke": opts.smoke, "connections": opts.conns,
+                           "seconds_per_scenario": opts.seconds, "scale": run.json()}),
+        )?;
+        let errors = run.errors();
+        if errors > 0 {
+            bail!("{errors} requests failed");
+        }
+        return Ok(());
+    }
     let db_name = format!("lk_bench_{}", std::process::id());
     create_database(&db_name).await?;
     let result = run(&opts, &bin, &dir, &db_name).await;
@@ -801,6 +850,15 @@ async fn main() -> anyhow::Result<()> {
     delete_redis_keys(&format!("lkbench:{}:*", std::process::id())).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Writes target/bench/latest.json; returns its path.
+fn write_json(out: &Value) -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let path = root.join("target/bench/latest.json");
+    std::fs::create_dir_all(path.parent().context("dir")?)?;
+    std::fs::write(&path, serde_json::to_string_pretty(out)?)?;
+    Ok(path)
 }
 
 async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Result<()> {
@@ -927,6 +985,8 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
 
     // 7: the in-process limiter holding 200,000 keys.
     let limiter = limiter_scenario(opts, bin, dir).await?;
+    // 8: one instance, then three, and what each operation costs.
+    let scale = scale::scenario(opts, bin, dir).await?;
 
     let all =
         [&health, &session, &local_session, &me, &refresh, &login, &storm, &under_storm, &under_hashing];
@@ -941,6 +1001,7 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
     }
     println!("| argon2id bound ({cores} threads, m=19456 t=2 p=1) | {bound:.1} hashes/s | | | |");
     limiter.print();
+    scale.print();
 
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let targets = [
@@ -971,7 +1032,7 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
          another process, p99 / idle p99 = {reference:.2}.",
         storm.rps()
     );
-    let errors: u64 = all.iter().map(|s| s.errors).sum::<u64>() + limiter.errors();
+    let errors: u64 = all.iter().map(|s| s.errors).sum::<u64>() + limiter.errors() + scale.errors();
 
     let out = json!({
         "when": chrono::Utc::now().to_rfc3339(),
@@ -988,12 +1049,10 @@ async fn run(opts: &Opts, bin: &Path, dir: &Path, db_name: &str) -> anyhow::Resu
         "targets": target_json,
         "session_p99_beside_hashing_elsewhere_over_idle": reference,
         "limiter": limiter.json(),
+        "scale": scale.json(),
         "errors": errors,
     });
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
-    let path = root.join("target/bench/latest.json");
-    std::fs::create_dir_all(path.parent().context("dir")?)?;
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    let path = write_json(&out)?;
     println!(
         "\nidle RSS {:.1} MiB ({:.1} MiB 200 ms after the login), peak RSS {:.1} MiB, start to ready {:.0} \
          ms; JSON: {}",
