@@ -139,6 +139,20 @@ impl Redis {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+            // The servers wait for a replica to confirm each session write (`WAIT 1`): a
+            // master whose replica is still loading its first copy confirms nothing.
+            for (port, _) in &redis.nodes {
+                loop {
+                    let replication = info(*port, "replication").await?;
+                    if !replication.contains("role:master") || replication.contains("state=online") {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!("a Redis Cluster master on port {port} has no replica online");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
         Ok(redis)
     }
