@@ -628,6 +628,7 @@ async fn a_passkey_added_on_the_passkeys_page_signs_in_without_a_password_in_a_r
     assert_eq!(mine["passkeys"][0]["name"], "Test key", "{mine}");
 
     // Signing out ends that session on the server too.
+    browser.resume().await;
     let out = browser.report().await;
     assert_eq!(shown(&out, "signed_out", &page_url), ("success", "You are signed out."), "{out}");
     assert_eq!(out["api_requests"], json!(["POST /v1/auth/logout"]), "{out}");

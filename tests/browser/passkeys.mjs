@@ -6,7 +6,7 @@
 // passkey as second factor. One JSON line per step; the tokens the API gave are read off
 // the wire (the page keeps its own in memory only), for the test to use. Run by
 // tests/api/pages.rs; see lib.mjs.
-import { report, status, withPage } from "./lib.mjs";
+import { report, status, waitForTest, withPage } from "./lib.mjs";
 
 const email = process.env.EMAIL;
 const password = process.env.PASSWORD;
@@ -97,6 +97,8 @@ await withPage(async (page, watch) => {
     "/v1/auth/passkey"
   );
   report("passkey", { ...(await view()), access_token: passkeyLogin.access_token ?? null });
+  // The test uses that token before the page signs out (else the two race).
+  await waitForTest();
 
   await act(() => page.getByRole("button", { name: "Sign out" }).click());
   report("signed_out", await view());
