@@ -262,9 +262,7 @@ const ENV: &[(&str, &str)] = &[
     ("RATE_LIMIT_LOGIN_PER_ACCOUNT", "100000/1m"),
     ("RATE_LIMIT_REFRESH_PER_IP", "100000/1m"),
     ("RATE_LIMIT_REGISTER_PER_IP", "100000/1m"),
-    // WAIT gets half of it: a loaded CI machine (the whole suite at once) once took
-    // longer than 500 ms for a replica to confirm.
-    ("REDIS_RESPONSE_TIMEOUT", "3s"),
+    ("REDIS_RESPONSE_TIMEOUT", "1s"),
 ];
 
 async fn ready_redis(app: &TestApp) -> (StatusCode, String) {
